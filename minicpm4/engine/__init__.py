@@ -1,0 +1,1 @@
+"""Inference: sampling, the generation loop, and (later) the batching engine (spec §4)."""

@@ -1,0 +1,172 @@
+"""`generate` / `generate_stream`: batched autoregressive decoding over a `StaticKVCache`.
+
+Prompts of different lengths are left-padded into one batch; each row has its own
+`SamplingParams` (penalties, seed, stop strings and tokens, max_tokens). Finished rows leave
+the batch (the cache is compacted), so a long request does not make short ones pay.
+Shape legend: B rows, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from minicpm4.detokenize import StreamDetokenizer
+from minicpm4.engine.request import SamplingParams
+from minicpm4.engine.sampler import sample, token_counts
+from minicpm4.model.cache import StaticKVCache
+from minicpm4.model.transformer import MiniCPM4ForCausalLM
+
+
+@dataclass
+class StreamEvent:
+    """One generated token of request `index`; `text` is the newly finished text (may be '')."""
+
+    index: int
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+    """None while running, then 'stop' (EOS, stop token or string) or 'length'."""
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+class _RowState:
+    """Stop handling for one request: stop tokens, and stop strings held back until decided."""
+
+    def __init__(self, params: SamplingParams, eos_ids: set[int], tokenizer,
+                 prompt: Sequence[int]) -> None:
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        # The prompt's tail is decoding context, so a first token "▁word" keeps its space.
+        self.detok = None if tokenizer is None else \
+            StreamDetokenizer(tokenizer, context_ids=list(prompt[-8:]))
+        if params.stop and self.detok is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.pending = ""
+        self.generated = 0
+
+    def step(self, token_id: int) -> tuple[str, str | None]:
+        """Feed one token; returns (text to emit, finish reason or None)."""
+        self.generated += 1
+        if token_id in self.stop_ids:
+            return self._drain(), "stop"
+        if self.detok is not None:
+            self.pending += self.detok.push(token_id)
+        for stop in self.params.stop:
+            at = self.pending.find(stop)
+            if at >= 0:
+                end = at + len(stop) if self.params.include_stop_str_in_output else at
+                text, self.pending = self.pending[:end], ""
+                return text, "stop"
+        if self.generated >= self.params.max_tokens:
+            return self._drain(), "length"
+        keep = self._held_back()
+        text = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return text, None
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `pending` that could still begin a stop string."""
+        best = 0
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
+                if stop.startswith(self.pending[-n:]):
+                    best = n
+                    break
+        return best
+
+    def _drain(self) -> str:
+        text = self.pending + (self.detok.flush() if self.detok is not None else "")
+        self.pending = ""
+        return text
+
+
+def _check_prompts(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]],
+                   params: list[SamplingParams]) -> None:
+    limit = model.config.max_position_embeddings
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(prompt) + p.max_tokens > limit:
+            raise ValueError(f"prompt {i}: {len(prompt)} prompt tokens + max_tokens "
+                             f"{p.max_tokens} exceed the model context of {limit}")
+
+
+@torch.inference_mode()
+def generate_stream(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]],
+                    params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                    tokenizer=None, pad_id: int = 0) -> Iterator[StreamEvent]:
+    """Yield a `StreamEvent` per generated token of each request, as soon as it is sampled."""
+    plist = list(params) if isinstance(params, (list, tuple)) else \
+        [params or SamplingParams()] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+    _check_prompts(model, prompts, plist)
+    device, vocab = model.device, model.config.vocab_size
+    eos = set(model.config.eos_token_id)
+    if tokenizer is not None:
+        eos |= set(tokenizer.stop_token_ids)
+    states = [_RowState(p, eos, tokenizer, prompt) for p, prompt in zip(plist, prompts)]
+    gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+            for p in plist]
+    width = max(len(p) for p in prompts)
+    ids_BT = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask_BT = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids_BT[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask_BT[row, width - len(prompt):] = True
+    cache = StaticKVCache.for_model(model.config, batch_size=len(prompts),
+                                    max_len=width + max(p.max_tokens for p in plist),
+                                    dtype=model.dtype, device=device)
+    penalized = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    for p in plist)
+    prompt_counts = token_counts([list(p) for p in prompts], vocab, device) if penalized else None
+    output_counts = torch.zeros(len(prompts), vocab, device=device) if penalized else None
+    active = list(range(len(prompts)))
+    logits_BV = model(ids_BT, attention_mask_BT=mask_BT, cache=cache, logits_to_keep=1)[:, -1]
+    while active:
+        tokens = sample(logits_BV, [plist[i] for i in active], [gens[i] for i in active],
+                        prompt_counts_BV=prompt_counts, output_counts_BV=output_counts).tolist()
+        keep = []
+        for slot, (row, tok) in enumerate(zip(active, tokens)):
+            text, reason = states[row].step(tok)
+            yield StreamEvent(index=row, token_id=tok, text=text, finish_reason=reason)
+            if reason is None:
+                keep.append(slot)
+            if output_counts is not None:
+                output_counts[slot, tok] += 1
+        if len(keep) < len(active):
+            rows = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.reorder(rows)
+            if output_counts is not None:
+                output_counts = output_counts.index_select(0, rows)
+                prompt_counts = prompt_counts.index_select(0, rows)
+            tokens = [tokens[s] for s in keep]
+            active = [active[s] for s in keep]
+        if active:
+            step_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
+            logits_BV = model(step_ids, cache=cache)[:, -1]
+
+
+def generate(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             tokenizer=None) -> list[GenerationOutput]:
+    """Run `generate_stream` to completion; one `GenerationOutput` per prompt, in order."""
+    outs = [GenerationOutput(prompt_tokens=len(p)) for p in prompts]
+    for ev in generate_stream(model, prompts, params, tokenizer=tokenizer):
+        out = outs[ev.index]
+        out.token_ids.append(ev.token_id)
+        out.text += ev.text
+        out.finish_reason = ev.finish_reason or out.finish_reason
+    return outs

@@ -1,0 +1,66 @@
+"""Dense GQA self-attention of a MiniCPM4 layer (spec §1.1), with HF parameter names.
+
+Also carries the two MiniCPM-SALA switches of softmax layers (spec §3.2): NoPE
+(`attn_use_rope=False`) and the sigmoid output gate (`attn_use_output_gate`, `o_gate`).
+Shape legend: B batch, T tokens, D hidden, N query heads, K kv heads, H head dim, S keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minicpm4.kernels.attention import attention
+from minicpm4.model.cache import KVCache
+from minicpm4.model.config import ModelConfig
+from minicpm4.model.layers import apply_rotary
+
+
+@dataclass
+class AttentionInputs:
+    """Per-forward state shared by every layer, built once by `MiniCPM4Model.forward`."""
+
+    cos_BTH: torch.Tensor
+    sin_BTH: torch.Tensor
+    mask_B1TS: torch.Tensor | None
+    """Boolean, True = may attend; None with `is_causal` or for unmasked decode."""
+    is_causal: bool
+    cache: KVCache | None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim_
+        self.use_rope = cfg.attn_use_rope
+        d, h = cfg.hidden_size, cfg.head_dim_
+        self.q_proj = nn.Linear(d, self.num_heads * h, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * h, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * h, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * h, d, bias=False)
+        self.o_gate = nn.Linear(d, self.num_heads * h, bias=False) \
+            if cfg.attn_use_output_gate else None
+
+    def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BNTH = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BKTH = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKTH = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q_BNTH = apply_rotary(q_BNTH, inp.cos_BTH, inp.sin_BTH)
+            k_BKTH = apply_rotary(k_BKTH, inp.cos_BTH, inp.sin_BTH)
+        if inp.cache is not None:
+            k_BKSH, v_BKSH = inp.cache.update(self.layer_idx, k_BKTH, v_BKTH)
+        else:
+            k_BKSH, v_BKSH = k_BKTH, v_BKTH
+        out_BNTH = attention(q_BNTH, k_BKSH, v_BKSH, mask_B1TS=inp.mask_B1TS,
+                             is_causal=inp.is_causal)
+        out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        if self.o_gate is not None:
+            out_BTD = out_BTD * torch.sigmoid(self.o_gate(x_BTD))
+        return self.o_proj(out_BTD)
