@@ -7,7 +7,10 @@ prompt in the same process, alternating runs. The decode roofline is
 where the bandwidth is the rate of a full read (`sum`) of a 1 GiB buffer.
 
 Prints per dtype: prefill tok/s, decode tok/s (ours, HF), speedup, % of roofline; and last
-    RESULT decode_speedup_vs_hf=<min over dtypes of ours/HF decode tok/s>
+    RESULT decode_speedup_vs_hf=<min over dtypes of ours (compiled decode) / HF decode tok/s>
+Our decode runs both ways: `generate(..., compile=True)` (engine/compiled_decode.py, the
+fast path, `--compile` on the CLI) and eager. The read bandwidth is sampled between the timed
+runs (this VM's bandwidth swings with its neighbours) and the median is the roofline's.
 Usage: python benchmarks/decode.py [--dtypes float32,bfloat16] [--prompt-len 128]
        [--new-tokens 32] [--repeats 3] [--preset minicpm4-0.5b]
 """
@@ -31,16 +34,14 @@ from minicpm4.model.llama_export import llama_config_dict, llama_state_dict  # n
 from minicpm4.model.transformer import MiniCPM4ForCausalLM  # noqa: E402
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Bytes/s of a full read of a `gib`-GiB fp32 buffer (median of `repeats`)."""
-    buf = torch.ones(int(gib * 2**30) // 4)
+def read_bandwidth(samples: list[float], *, mib: int = 512, repeats: int = 5) -> None:
+    """Append `repeats` measurements (bytes/s) of a full read (`sum`) of a fp32 buffer."""
+    buf = torch.ones(mib * 2**20 // 4)
     buf.sum()
-    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         buf.sum()
-        times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / statistics.median(times)
+        samples.append(buf.numel() * 4 / (time.perf_counter() - t0))
 
 
 def weight_bytes_per_token(model: MiniCPM4ForCausalLM) -> int:
@@ -58,12 +59,13 @@ def weight_bytes_per_token(model: MiniCPM4ForCausalLM) -> int:
     return total
 
 
-def time_ours(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+def time_ours(model, prompt: list[int], new_tokens: int, *,
+              compile: bool) -> tuple[float, float]:
     """(prefill seconds incl. first token, seconds per decoded token)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     stamps = []
     t0 = time.perf_counter()
-    for _ in generate_stream(model, [prompt], params):
+    for _ in generate_stream(model, [prompt], params, compile=compile):
         stamps.append(time.perf_counter())
     assert len(stamps) == new_tokens
     return stamps[0] - t0, (stamps[-1] - stamps[0]) / (new_tokens - 1)
@@ -119,13 +121,11 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}")
-    bw = read_bandwidth()
-    print(f"measured read bandwidth: {bw / 1e9:.2f} GB/s")
     prompt = torch.randint(3, 73000, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
     speedups = []
@@ -133,28 +133,38 @@ def main() -> None:
         dtype = getattr(torch, name)
         ours, hf = build_pair(args.preset, dtype)
         nbytes = weight_bytes_per_token(ours)
-        roofline_s = nbytes / bw
-        time_ours(ours, prompt[:16], 4)  # warm-up
+        bw_samples: list[float] = []
+        t0 = time.perf_counter()
+        time_ours(ours, prompt[:16], 4, compile=True)  # warm-up, includes compiling
+        print(f"[{name}] compiled decode step built in {time.perf_counter() - t0:.1f}s "
+              f"(once per process; excluded from the timings)")
+        time_ours(ours, prompt[:16], 4, compile=False)
         time_hf(hf, prompt[:16], 4)
-        runs_ours, runs_hf = [], []
+        runs: dict[str, list[tuple[float, float]]] = {"compiled": [], "eager": [], "hf": []}
         for _ in range(args.repeats):
-            runs_ours.append(time_ours(ours, prompt, args.new_tokens))
-            runs_hf.append(time_hf(hf, prompt, args.new_tokens))
-        pre_o = statistics.median(r[0] for r in runs_ours)
-        dec_o = statistics.median(r[1] for r in runs_ours)
-        pre_h = statistics.median(r[0] for r in runs_hf)
-        dec_h = statistics.median(r[1] for r in runs_hf)
-        speedup = dec_h / dec_o
+            read_bandwidth(bw_samples)
+            runs["compiled"].append(time_ours(ours, prompt, args.new_tokens, compile=True))
+            runs["eager"].append(time_ours(ours, prompt, args.new_tokens, compile=False))
+            runs["hf"].append(time_hf(hf, prompt, args.new_tokens))
+        pre = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+        dec = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+        read_bandwidth(bw_samples)
+        bw = statistics.median(bw_samples)
+        roofline_s = nbytes / bw
+        speedup = dec["hf"] / dec["compiled"]
         speedups.append(speedup)
-        print(f"[{name}] weights read/token {nbytes / 2**20:.0f} MiB -> roofline "
-              f"{roofline_s * 1e3:.1f} ms/token ({1 / roofline_s:.1f} tok/s)")
-        print(f"[{name}] prefill {args.prompt_len} tokens: ours {args.prompt_len / pre_o:.1f} "
-              f"tok/s, transformers {args.prompt_len / pre_h:.1f} tok/s "
-              f"(x{pre_h / pre_o:.2f})")
-        print(f"[{name}] decode: ours {1 / dec_o:.2f} tok/s ({dec_o * 1e3:.1f} ms), "
-              f"transformers {1 / dec_h:.2f} tok/s ({dec_h * 1e3:.1f} ms), "
-              f"speedup x{speedup:.2f}, roofline fraction ours {roofline_s / dec_o:.0%} "
-              f"transformers {roofline_s / dec_h:.0%}")
+        print(f"[{name}] weights read/token {nbytes / 2**20:.0f} MiB; read bandwidth median "
+              f"{bw / 1e9:.1f} GB/s (min {min(bw_samples) / 1e9:.1f}, max "
+              f"{max(bw_samples) / 1e9:.1f}, {len(bw_samples)} samples between the runs) -> "
+              f"roofline {roofline_s * 1e3:.1f} ms/token ({1 / roofline_s:.1f} tok/s)")
+        print(f"[{name}] prefill {args.prompt_len} tokens: ours {args.prompt_len / pre['eager']:.1f} "
+              f"tok/s, transformers {args.prompt_len / pre['hf']:.1f} tok/s "
+              f"(x{pre['hf'] / pre['eager']:.2f})")
+        for key, label in (("compiled", "ours compiled"), ("eager", "ours eager"),
+                           ("hf", "transformers")):
+            print(f"[{name}] decode {label:14s} {1 / dec[key]:6.2f} tok/s "
+                  f"({dec[key] * 1e3:6.1f} ms/token)  x{dec['hf'] / dec[key]:.2f} vs "
+                  f"transformers  {roofline_s / dec[key]:.0%} of roofline")
         del ours, hf
     print(f"RESULT decode_speedup_vs_hf={min(speedups):.3f}")
 

@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype; auto = checkpoint dtype (float16 is "
                         "refused on CPU, where it is ~100x slower)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: about 2x faster batch-1 "
+                        "decoding after a one-time compile (15-45 s on a CPU)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
@@ -104,7 +107,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if streaming:
         print(prompts[0], end="", flush=True)
     start, count = time.perf_counter(), 0
-    for ev in generate_stream(model, ids, params, tokenizer=tok):
+    for ev in generate_stream(model, ids, params, tokenizer=tok, compile=args.compile):
         count += 1
         texts[ev.index] += ev.text
         if streaming:
@@ -148,7 +151,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print("assistant> ", end="", flush=True)
         reply = ""
         try:
-            for ev in generate_stream(model, [ids], params, tokenizer=tok):
+            for ev in generate_stream(model, [ids], params, tokenizer=tok,
+                                      compile=args.compile):
                 reply += ev.text
                 print(ev.text, end="", flush=True)
         except KeyboardInterrupt:

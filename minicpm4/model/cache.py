@@ -66,6 +66,10 @@ class StaticKVCache:
         return self._len
 
     @property
+    def batch_size(self) -> int:
+        return self._valid_BS.shape[0]
+
+    @property
     def max_len(self) -> int:
         return self._max_len
 
@@ -74,6 +78,12 @@ class StaticKVCache:
 
     def num_valid(self) -> torch.Tensor:
         return self._num_valid_B
+
+    def full_key_valid(self, *, upto: int) -> torch.Tensor:
+        """[B, max_len] bool over the whole capacity: stored non-padding positions below
+        `upto` (for static-shape decode steps that attend over the full buffer)."""
+        in_range_S = torch.arange(self._max_len, device=self._valid_BS.device) < upto
+        return self._valid_BS & in_range_S
 
     def update(self, layer_idx: int, k_BKTH: torch.Tensor,
                v_BKTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
