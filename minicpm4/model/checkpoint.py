@@ -4,7 +4,8 @@ Single files (`model.safetensors`) and shards with `model.safetensors.index.json
 tensor at a time into a model built on the `meta` device, so peak memory is the model plus
 one tensor (an 8B checkpoint loads in about its own size of RAM). Every problem (truncated
 file, missing, unexpected or mis-shaped tensor, bad index) is a `ValueError` naming the file
-or tensor.
+or tensor. The optional MTP draft head (spec §1.4, `model/mtp.py`) is stored as `mtp.*` tensors
+next to the trunk; they are expected exactly when config.json has `num_mtp_layers: 1`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,14 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         raise ValueError(f"{single} is not a readable safetensors file: {exc}") from exc
 
 
-def _iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(files: dict[str, Path], *,
+                  converting: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) backed by the file's memory map (no copy).
+
+    When the caller converts each tensor (dtype or device change), the file is reopened per
+    tensor so that each mapping is released as soon as its tensor is converted: peak memory
+    stays at the converted model plus one source tensor, not plus the whole file.
+    """
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -77,9 +85,28 @@ def _iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     if name not in present:
                         raise ValueError(f"tensor '{name}' is listed in the index but missing "
                                          f"from {file.name}")
-                    yield name, f.get_tensor(name)
+                    if not converting:
+                        yield name, f.get_tensor(name)
+            if converting:
+                for name in names:
+                    with safe_open(file, framework="pt") as f:
+                        tensor = f.get_tensor(name)
+                    yield name, tensor
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{file} is truncated or corrupt: {exc}") from exc
+
+
+def _stored_dtype(files: dict[str, Path]) -> torch.dtype | None:
+    """dtype of the first tensor (None when the file cannot be read; errors come later)."""
+    name, file = next(iter(files.items()))
+    try:
+        with safe_open(file, framework="pt") as f:
+            return _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+    except (SafetensorError, OSError):
+        return None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def load_pretrained(folder: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -103,14 +130,16 @@ def load_pretrained(folder: str | Path, *, dtype: str | torch.dtype | None = Non
         names.discard("lm_head.weight")
     missing = sorted(set(expected) - names)
     if missing:
-        raise ValueError(f"checkpoint {folder} is missing tensor(s): {', '.join(missing[:8])}"
-                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        raise ValueError(f"checkpoint {folder} is missing tensor(s): {_listing(missing)}"
+                         + _mtp_hint(missing, cfg))
     unexpected = sorted(names - set(expected))
     if unexpected:
         raise ValueError(f"checkpoint {folder} has unexpected tensor(s) for this config: "
-                         f"{', '.join(unexpected[:8])}")
+                         f"{_listing(unexpected)}" + _mtp_hint(unexpected, cfg))
     loaded: dict[str, torch.Tensor] = {}
-    for name, tensor in _iter_tensors({n: files[n] for n in names}):
+    stored = _stored_dtype(files)
+    converting = torch.device(device).type != "cpu" or stored != target
+    for name, tensor in _iter_tensors({n: files[n] for n in names}, converting=converting):
         want = tuple(expected[name].shape)
         if tuple(tensor.shape) != want:
             raise ValueError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config "
@@ -123,6 +152,17 @@ def load_pretrained(folder: str | Path, *, dtype: str | torch.dtype | None = Non
     model.model.rotary_emb.to(device)
     model.tie_weights()
     return model.eval()
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _mtp_hint(names: list[str], cfg: ModelConfig) -> str:
+    if not any(n.startswith("mtp.") for n in names):
+        return ""
+    return (f" (the MTP head's 'mtp.*' tensors are expected exactly when config field "
+            f"'num_mtp_layers' is 1; it is {cfg.num_mtp_layers})")
 
 
 def _state_for_saving(model: MiniCPM4ForCausalLM,

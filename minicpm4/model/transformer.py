@@ -22,15 +22,21 @@ log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x += a*Attn(norm(x)); x += a*MLP(norm(x)), a = scale_depth/sqrt(L)."""
+    """Pre-norm block: x += a*Attn(norm(x)); x += a*MLP(norm(x)), a = scale_depth/sqrt(L).
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    `residual_scale` overrides a (the MTP draft layer uses scale_depth/sqrt(L+1), spec §1.4);
+    `layer_idx` is the slot of this layer in the KV cache it is given.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *,
+                 residual_scale: float | None = None) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.residual_scale = mup.residual_multiplier(cfg)
+        self.residual_scale = mup.residual_multiplier(cfg) if residual_scale is None \
+            else residual_scale
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), inp) * self.residual_scale
@@ -130,7 +136,11 @@ class MiniCPM4Model(nn.Module):
 
 
 class MiniCPM4ForCausalLM(nn.Module):
-    """MiniCPM4 with its LM head; logits = lm_head(h * dim_model_base / hidden_size)."""
+    """MiniCPM4 with its LM head; logits = lm_head(h * dim_model_base / hidden_size).
+
+    With `num_mtp_layers == 1` it also owns `mtp`, the multi-token-prediction draft head of
+    spec §1.4 (`model/mtp.py`); otherwise `mtp` is None and nothing else changes.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -138,6 +148,10 @@ class MiniCPM4ForCausalLM(nn.Module):
         self.model = MiniCPM4Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logit_scale = mup.logit_multiplier(cfg)
+        self.mtp = None
+        if cfg.num_mtp_layers == 1:
+            from minicpm4.model.mtp import MTPHead  # mtp.py builds on DecoderLayer (this file)
+            self.mtp = MTPHead(cfg)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -146,13 +160,15 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Random init: normal(0, std) per `mup.init_std`, RMSNorm weights 1."""
+        """Random init: normal(0, std) per `mup.init_std`, biases 0, RMSNorm weights 1."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = mup.init_std(self.config, matrix=isinstance(module, nn.Linear))
                 w = torch.empty(module.weight.shape, dtype=torch.float32)
                 module.weight.copy_(w.normal_(0.0, std, generator=gen))
+                if getattr(module, "bias", None) is not None:  # only the MTP head's fc1
+                    module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
         self.model.rotary_emb.reset_buffers()
@@ -173,7 +189,40 @@ class MiniCPM4ForCausalLM(nn.Module):
                            positions_BT=positions_BT, cache=cache)
         if logits_to_keep > 0:
             h_BTD = h_BTD[:, -logits_to_keep:]
+        return self.compute_logits(h_BTD)
+
+    def compute_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final (normed) hidden states: lm_head(h * dim_model_base / hidden)."""
         return self.lm_head(h_BTD * self.logit_scale).float()
+
+    def forward_with_mtp(self, input_ids_BT: torch.Tensor, *,
+                         attention_mask_BT: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward with the MTP head (spec §1.4): (logits [B, T, V], mtp [B, T-1, V]).
+
+        The trunk runs once; the head sees (h_t, x_{t+1}) for t < T-1, so `mtp[:, t]` predicts
+        `input_ids[:, t+2]` (the last column has no target; see `mtp.ntp_mtp_loss`). The MTP
+        token t sits at RoPE position t of the trunk and attends causally to MTP tokens <= t;
+        it is valid where both t and t+1 are real tokens. Both logits are fp32.
+        """
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (config field 'num_mtp_layers' is 0)")
+        B, T = input_ids_BT.shape
+        if T < 2:
+            raise ValueError(f"MTP needs at least 2 tokens per row, got {T}")
+        h_BTD = self.model(input_ids_BT, attention_mask_BT=attention_mask_BT)
+        valid_BT = None
+        if attention_mask_BT is not None:
+            valid_BT = attention_mask_BT.bool()[:, :-1] & attention_mask_BT.bool()[:, 1:]
+            valid_BT = None if bool(valid_BT.all()) else valid_BT
+        positions_BT, mask_B1TS, is_causal = _positions_and_mask(
+            batch=B, num_new=T - 1, valid_BT=valid_BT, cache=None, device=input_ids_BT.device)
+        cos_BTH, sin_BTH = self.model.rotary_emb(positions_BT)
+        inp = AttentionInputs(cos_BTH=cos_BTH, sin_BTH=sin_BTH, mask_B1TS=mask_B1TS,
+                              is_causal=is_causal, cache=None)
+        next_emb_BTD = self.model.embed_tokens(input_ids_BT[:, 1:]) * self.model.embed_scale
+        draft_BTD = self.mtp(h_BTD[:, :-1], next_emb_BTD, inp)
+        return self.compute_logits(h_BTD), self.compute_logits(draft_BTD)
 
     @classmethod
     def from_pretrained(cls, folder, **kwargs) -> MiniCPM4ForCausalLM:
