@@ -3,6 +3,7 @@
 generate  complete prompts (streamed to the terminal; several --prompt make a batch)
 chat      interactive ChatML chat with streaming
 info      parameter count, memory estimate and config summary
+data      prepare training data: `data tokenize` turns text/JSONL corpora into token shards
 Bad input prints `error: ...` and exits with status 2; no traceback for user mistakes.
 """
 
@@ -13,6 +14,7 @@ import sys
 import time
 
 from minicpm4 import loading
+from minicpm4.data import tokenize as data_tokenize
 from minicpm4.engine.generate import generate_stream
 from minicpm4.engine.request import SamplingParams
 
@@ -88,7 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", choices=sorted(loading.PRESETS), default=None)
     info.add_argument("--context", type=int, default=None,
                       help="context length for the KV-cache estimate (default: max positions)")
+    _add_data_parser(sub)
     return parser
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare training data (tokenize corpora into shards)",
+                          description="Prepare training data.")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    tok = dsub.add_parser(
+        "tokenize", help="text / JSONL corpora -> memory-mapped uint32 token shards",
+        description="Tokenize corpora into OUT/train (and OUT/eval for --holdout files): "
+                    "shard-NNNNN.bin (uint32 ids, each document <s> ... </s>), shard-NNNNN.idx "
+                    "(uint64 document offsets) and index.json. A .txt file is one document, a "
+                    ".jsonl file one document per line. Re-running writes the same bytes.")
+    tok.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="a .txt / .jsonl file, a directory (searched recursively) or a glob")
+    tok.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    tok.add_argument("--holdout", action="append", default=[], metavar="NAME",
+                     help="input file (name, stem or path) for the eval folder (repeatable)")
+    tok.add_argument("--tokenizer", metavar="DIR", default=None,
+                     help="tokenizer folder (default: the bundled MiniCPM4 tokenizer)")
+    tok.add_argument("--max-shard-tokens", type=int, default=data_tokenize.DEFAULT_MAX_SHARD_TOKENS,
+                     metavar="N", help="start a new shard before exceeding N tokens "
+                                       f"(default {data_tokenize.DEFAULT_MAX_SHARD_TOKENS:,})")
+    tok.add_argument("--text-key", default="text", metavar="K",
+                     help="JSONL field holding the text (default: text)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -167,9 +194,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    folders = data_tokenize.tokenize_corpus(
+        args.inputs, args.out, holdout=args.holdout, tokenizer=args.tokenizer,
+        max_shard_tokens=args.max_shard_tokens, text_key=args.text_key,
+        progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"[tokenized in {time.perf_counter() - start:.1f}s]", file=sys.stderr)
+    for split, folder in folders.items():
+        print(f"{split}: {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info}[args.command]
+    handler = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info,
+               "data": _cmd_data}[args.command]
     try:
         return handler(args)
     except ValueError as exc:
