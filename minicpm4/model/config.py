@@ -110,6 +110,10 @@ class ModelConfig:
     """μP: the LM head sees h / (hidden_size / dim_model_base)."""
     mup_denominator: int = 32
     """Used by the EAGLE/MTP draft head only (spec §1.1 item 5)."""
+    num_mtp_layers: int = 0
+    """Multi-token-prediction draft head (spec §1.4, `model/mtp.py`): 0 = none, 1 = one extra
+    decoder layer predicting x_{t+2}, trained with L_NTP + λ·L_MTP and stored in the checkpoint
+    as `mtp.*` tensors. Absent from config.json means 0; only 0 or 1 is supported."""
     tie_word_embeddings: bool = False
     initializer_range: float = 0.1
     attention_bias: bool = False
@@ -177,6 +181,10 @@ class ModelConfig:
             bad = sorted(set(self.mixer_types) - set(MIXER_KINDS))
             if bad:
                 _fail("mixer_types", f"unknown mixer(s) {bad}; expected one of {MIXER_KINDS}")
+        if not isinstance(self.num_mtp_layers, int) or isinstance(self.num_mtp_layers, bool) \
+                or self.num_mtp_layers not in (0, 1):
+            _fail("num_mtp_layers", f"must be 0 or 1 (one MTP/EAGLE draft layer, spec §1.4), "
+                                    f"got {self.num_mtp_layers!r}")
         for name in ("bos_token_id", "pad_token_id"):
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:
@@ -203,7 +211,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_parameters(self, *, include_embedding: bool = True) -> int:
-        """Parameter count of the dense MiniCPM4 architecture (all 'minicpm4' layers)."""
+        """Parameter count of the dense MiniCPM4 architecture (all 'minicpm4' layers), MTP
+        head included when `num_mtp_layers` is 1."""
         d, hd = self.hidden_size, self.head_dim_
         attn = d * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
         mlp = 3 * d * self.intermediate_size
@@ -211,6 +220,8 @@ class ModelConfig:
         emb = self.vocab_size * d
         total = self.num_hidden_layers * per_layer + d
         total += emb if self.tie_word_embeddings else 2 * emb
+        if self.num_mtp_layers:  # fc1 (with bias) + fc2, input_norm1/2, one layer, final norm
+            total += self.num_mtp_layers * (2 * d * d + d + 3 * d + per_layer)
         return total if include_embedding else total - emb
 
     # Presets ------------------------------------------------------------------------------

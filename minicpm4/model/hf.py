@@ -3,7 +3,9 @@
 Reads the fields of MiniCPM4 / MiniCPM4.1 (`model_type: minicpm`) and MiniCPM-SALA
 (`minicpm_sala`) configs. A missing required field or a value of the wrong type is a
 `ValueError` that names the field; unknown top-level keys are kept in `ModelConfig.extra`
-so that saving reproduces them.
+so that saving reproduces them. `num_mtp_layers` (the MTP draft head of spec §1.4, not an HF
+key) is read when present (absent = 0) and written only when non-zero, so configs without
+an MTP head stay byte-identical to the HF ones.
 """
 
 from __future__ import annotations
@@ -132,13 +134,15 @@ def config_from_hf_dict(raw: dict[str, Any]) -> ModelConfig:
     if isinstance(rope_raw, dict) and "rope_theta" in rope_raw and "rope_theta" not in raw:
         kwargs["rope_theta"] = _typed("rope_theta", rope_raw["rope_theta"], float)
     kwargs["sparse_config"] = _sparse_config(raw.get("sparse_config"))
+    if "num_mtp_layers" in raw:
+        kwargs["num_mtp_layers"] = _typed("num_mtp_layers", raw["num_mtp_layers"], int)
     mixers = raw.get("mixer_types")
     if mixers is not None:
         if not isinstance(mixers, list) or not all(isinstance(m, str) for m in mixers):
             raise _bad("mixer_types", "expected a list of strings")
         kwargs["mixer_types"] = tuple(mixers)
     handled = set(kwargs) | set(_IGNORED) | {"eos_token_id", "rope_scaling", "sparse_config",
-                                             "mixer_types"}
+                                             "mixer_types", "num_mtp_layers"}
     kwargs["extra"] = {k: v for k, v in raw.items() if k not in handled}
     return ModelConfig(**kwargs)
 
@@ -167,6 +171,8 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
                                 for f in SparseConfig.__dataclass_fields__}
     if cfg.mixer_types is not None:
         out["mixer_types"] = list(cfg.mixer_types)
+    if cfg.num_mtp_layers:
+        out["num_mtp_layers"] = cfg.num_mtp_layers
     out.update(cfg.extra)
     return out
 
