@@ -160,19 +160,9 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Random init: normal(0, std) per `mup.init_std`, biases 0, RMSNorm weights 1."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = mup.init_std(self.config, matrix=isinstance(module, nn.Linear))
-                w = torch.empty(module.weight.shape, dtype=torch.float32)
-                module.weight.copy_(w.normal_(0.0, std, generator=gen))
-                if getattr(module, "bias", None) is not None:  # only the MTP head's fc1
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        self.model.rotary_emb.reset_buffers()
-        self.tie_weights()
+        """Random μP init by parameter role (`mup.init_model_`): hidden matrices std
+        initializer_range/sqrt(m), embeddings and LM head initializer_range, norms 1."""
+        mup.init_model_(self, "mup", seed)
 
     def forward(self, input_ids_BT: torch.Tensor, *, attention_mask_BT: torch.Tensor | None = None,
                 positions_BT: torch.Tensor | None = None, cache: KVCache | None = None,
