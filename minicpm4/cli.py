@@ -4,6 +4,8 @@ generate  complete prompts (streamed to the terminal; several --prompt make a ba
 chat      interactive ChatML chat with streaming
 info      parameter count, memory estimate and config summary
 data      prepare training data: `data tokenize` turns text/JSONL corpora into token shards
+train     pre-train a model (1 process, or DDP / FSDP2 under torchrun); --resume continues
+eval      held-out loss and perplexity of a model folder on a token-shard folder
 Bad input prints `error: ...` and exits with status 2; no traceback for user mistakes.
 """
 
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=int, default=None,
                       help="context length for the KV-cache estimate (default: max positions)")
     _add_data_parser(sub)
+    _add_train_parsers(sub)
     return parser
 
 
@@ -206,10 +209,124 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser(
+        "train", help="pre-train a model on token shards (CPU, torchrun, GPUs)",
+        description="Pre-train on a `data tokenize` folder. The same command runs in one process "
+                    "or under `torchrun --nproc_per_node N -m minicpm4 train ...` (gloo on CPU, "
+                    "nccl on GPU). RUN_DIR gets config.json, metrics.jsonl and checkpoints/.")
+    g = tr.add_argument_group("model (one of)")
+    g.add_argument("--preset", choices=sorted(loading.PRESETS), default=None)
+    g.add_argument("--model-config", metavar="PATH", default=None,
+                   help="HF config.json (or a folder holding one): fresh init of that shape")
+    g.add_argument("--init-from", metavar="DIR", default=None,
+                   help="HF model folder whose weights start the run")
+    g.add_argument("--parametrization", choices=["mup", "sp"], default="mup")
+    g.add_argument("--mtp-lambda", type=float, default=0.0,
+                   help="MTP loss weight (needs a model config with num_mtp_layers 1)")
+    d = tr.add_argument_group("data and batch")
+    d.add_argument("--data", required=True, metavar="DIR", help="training shard folder")
+    d.add_argument("--eval-data", metavar="DIR", default=None, help="held-out shard folder")
+    d.add_argument("--run-dir", required=True, metavar="DIR")
+    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per rank")
+    d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step per rank")
+    o = tr.add_argument_group("optimisation (AdamW + WSD)")
+    o.add_argument("--steps", type=int, required=True, help="optimizer steps in the run")
+    o.add_argument("--lr", type=float, default=1e-2)
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    o.add_argument("--warmup-steps", type=int, default=None, help="default: steps // 20")
+    o.add_argument("--decay-fraction", type=float, default=0.1)
+    o.add_argument("--decay-type", choices=["exponential", "linear", "cosine"],
+                   default="exponential")
+    o.add_argument("--min-lr-ratio", type=float, default=0.1)
+    r = tr.add_argument_group("run")
+    r.add_argument("--eval-interval", type=int, default=0, help="0: only after the last step")
+    r.add_argument("--eval-batches", type=int, default=8)
+    r.add_argument("--checkpoint-interval", type=int, default=0,
+                   help="0: only after the last step")
+    r.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    r.add_argument("--log-interval", type=int, default=1)
+    r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16 = autocast over fp32 weights")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--distributed", choices=["auto", "none", "ddp", "fsdp"], default="auto",
+                   help="auto: DDP under torchrun, none otherwise")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --run-dir")
+    r.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="leave after N steps of this invocation (time-limited jobs; continue "
+                        "later with --resume from the newest checkpoint)")
+    ev = sub.add_parser("eval", help="held-out loss and perplexity of a model folder",
+                        description="Mean next-token loss and perplexity of a model folder (or "
+                                    "a training checkpoint) over a token-shard folder.")
+    ev.add_argument("--model", required=True, metavar="DIR")
+    ev.add_argument("--data", required=True, metavar="DIR", help="shard folder (e.g. OUT/eval)")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batches", type=int, default=None, help="default: every window")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from minicpm4.model.hf import load_config
+    from minicpm4.train.config import OptimConfig, ScheduleConfig
+    from minicpm4.train.loop import train
+    from minicpm4.train.recipe import TrainConfig
+    from minicpm4.utils import dist
+
+    sources = [x for x in (args.preset, args.model_config, args.init_from) if x]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --preset, --model-config, --init-from")
+    if args.preset:
+        model_cfg = loading.PRESETS[args.preset]()
+    else:
+        model_cfg = load_config(args.model_config or args.init_from)
+    if not isinstance(args.steps, int) or args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    warmup = args.steps // 20 if args.warmup_steps is None else args.warmup_steps
+    cfg = TrainConfig(
+        model=model_cfg, init_from=args.init_from, data=args.data, eval_data=args.eval_data,
+        run_dir=args.run_dir, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay,
+                          grad_clip=args.grad_clip or None, parametrization=args.parametrization),
+        schedule=ScheduleConfig(warmup_steps=warmup, total_steps=args.steps,
+                                decay_fraction=args.decay_fraction, decay_type=args.decay_type,
+                                min_lr_ratio=args.min_lr_ratio),
+        eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+        checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep,
+        log_interval=args.log_interval, dtype=args.dtype, seed=args.seed, device=args.device,
+        distributed=args.distributed, mtp_lambda=args.mtp_lambda)
+    try:
+        if args.stop_after is not None and args.stop_after < 1:
+            raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+        result = train(cfg, resume=args.resume, stop_after=args.stop_after)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    finally:
+        dist.destroy()
+    if result.checkpoint is not None:
+        print(f"final checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from minicpm4.train.loop import evaluate_folder
+    out = evaluate_folder(args.model, args.data, seq_len=args.seq_len,
+                          batch_size=args.batch_size, batches=args.batches,
+                          device=args.device, dtype=args.dtype)
+    print(f"loss {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  "
+          f"({out['num_targets']:,} targets in {out['num_batches']} batches)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info,
-               "data": _cmd_data}[args.command]
+               "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval}[args.command]
     try:
         return handler(args)
     except ValueError as exc:
