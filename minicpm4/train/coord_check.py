@@ -213,6 +213,12 @@ def plot_coord_check(result: dict[str, Any], path: str | Path, *, step: int | No
                      f"{len(result['seeds'])} seeds)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

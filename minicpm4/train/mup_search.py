@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from minicpm4.data.tokenize import iter_shard_documents, tokenize_corpus
 from minicpm4.model import mup
 from minicpm4.train.config import OptimConfig, ScheduleConfig
-from minicpm4.train.coord_check import build_proxy, coord_config
+from minicpm4.train.coord_check import build_proxy, coord_config, save_figure
 from minicpm4.train.optim import build_optimizer
 from minicpm4.train.schedule import WSDSchedule
 
@@ -364,12 +364,7 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
             ax.set_title(f"{p.upper()}: {label}")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sweep_table(result: dict[str, Any], key: str = "cond_loss") -> str:
