@@ -62,6 +62,15 @@ def tiny_model():
     return model.eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")

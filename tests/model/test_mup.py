@@ -174,15 +174,6 @@ def _coord(width: int, parametrization: str, as_matrices: bool, steps: int = 4) 
     return seen[-1]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_coordinate_check_mup_flat_sp_blows_up(one_thread) -> None:
     """μP keeps the block output width-independent after a few large-LR steps; SP grows with
     width; the literal "every 2-D tensor" reading (embeddings as matrices) shrinks with it."""

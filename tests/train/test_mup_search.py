@@ -17,15 +17,6 @@ from minicpm4.train import mup_search as ms
 from tests.train._fixtures import write_shards
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def coord_result():
     before = torch.get_num_threads()
