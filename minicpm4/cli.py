@@ -13,6 +13,7 @@ Bad input prints `error: ...` and exits with status 2; no traceback for user mis
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -309,6 +310,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.stop_after is not None and args.stop_after < 1:
             raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
         result = train(cfg, resume=args.resume, stop_after=args.stop_after)
+        # DDP / FSDP wrappers sit in reference cycles: collect them now, while the process
+        # group is alive, not at interpreter exit (gloo aborts with "terminate called ...")
+        gc.collect()
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy()
