@@ -7,15 +7,16 @@ Shape legend: B batch, T tokens, D hidden, N query heads, K kv heads, H head dim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from minicpm4.kernels.attention import attention
+from minicpm4.kernels.matmul import apply_linear, needs_training_kernels, train_linear
 from minicpm4.model.cache import KVCache
 from minicpm4.model.config import ModelConfig
-from minicpm4.model.layers import apply_rotary
+from minicpm4.model.layers import apply_rotary, rotary_qkv, signed_sin
 
 
 @dataclass
@@ -28,6 +29,14 @@ class AttentionInputs:
     """Boolean, True = may attend; None with `is_causal` or for unmasked decode."""
     is_causal: bool
     cache: KVCache | None
+    _signed_sin: torch.Tensor | None = field(default=None, init=False, repr=False,
+                                             compare=False)
+
+    def signed_sin_BTH(self) -> torch.Tensor:
+        """`layers.signed_sin(sin_BTH)`, computed once per forward and shared by the layers."""
+        if self._signed_sin is None:
+            self._signed_sin = signed_sin(self.sin_BTH)
+        return self._signed_sin
 
 
 class Attention(nn.Module):
@@ -48,6 +57,15 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
         B, T, _ = x_BTD.shape
+        if self.use_rope and inp.cache is None and needs_training_kernels(
+                x_BTD, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight):
+            # Training: one matmul for q|k|v, RoPE on q and k in one pass (layers.py). The
+            # q/k/v modules are not called (their hooks do not run); the weights are theirs.
+            w_FD = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            q_BNTH, k_BKSH, v_BKSH = rotary_qkv(train_linear(x_BTD, w_FD), inp.cos_BTH,
+                                                inp.signed_sin_BTH(), self.num_heads,
+                                                self.num_kv_heads)
+            return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp)
         q_BNTH = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BKTH = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTH = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -58,9 +76,14 @@ class Attention(nn.Module):
             k_BKSH, v_BKSH = inp.cache.update(self.layer_idx, k_BKTH, v_BKTH)
         else:
             k_BKSH, v_BKSH = k_BKTH, v_BKTH
+        return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp)
+
+    def _output(self, x_BTD: torch.Tensor, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor,
+                v_BKSH: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
         out_BNTH = attention(q_BNTH, k_BKSH, v_BKSH, mask_B1TS=inp.mask_B1TS,
                              is_causal=inp.is_causal)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         if self.o_gate is not None:
             out_BTD = out_BTD * torch.sigmoid(self.o_gate(x_BTD))
-        return self.o_proj(out_BTD)
+        return apply_linear(self.o_proj, out_BTD)

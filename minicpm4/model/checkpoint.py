@@ -221,6 +221,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

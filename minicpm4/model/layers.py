@@ -1,7 +1,19 @@
 """Building blocks of the MiniCPM4 block: fp32 RMSNorm, rotate-half RoPE with LongRoPE, SwiGLU.
 
 Spec §1.1 (RMSNorm in fp32, SwiGLU without biases) and §1.3 (LongRoPE short/long factors and
-mscale). Shape legend: B batch, T tokens, N heads, H head dim, D hidden.
+mscale). Shape legend: B batch, T tokens, N heads, K kv heads, H head dim, D hidden, F ffn.
+
+Training path. When autograd will differentiate through them (`needs_training_kernels`),
+RMSNorm, RoPE and SwiGLU run as `torch.autograd.Function`s with hand-written backwards,
+`MLP` (and `attention.Attention`) run their input projections as one matmul against the
+concatenated weights, and fp32 (non-autocast) matmuls go through oneDNN (`matmul_nt`). Same
+math (RMSNorm and RoPE still in fp32), far fewer ops: plain autograd runs ~10 elementwise
+kernels for an RMSNorm backward, ~9 per RoPE backward (slice backwards zero-fill whole
+tensors), and 3 matmuls + 2 adds for the gradient of one input feeding q/k/v.
+`benchmarks/train_step.py` measures the effect. Inference (no grad) keeps the straightforward
+code below, so decoding and the parity tests see exactly the old numerics. Set
+`MINICPM4_TRAINING_KERNELS=0` (or `kernels.matmul.TRAINING_KERNELS = False`) for plain
+autograd.
 """
 
 from __future__ import annotations
@@ -12,7 +24,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpm4.kernels.matmul import apply_linear, needs_training_kernels, train_linear
 from minicpm4.model.config import ModelConfig
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a 6-kernel backward; forward identical to `RMSNorm.forward`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y = (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(y, rstd, weight)
+        return weight * y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        # out = w * y, y = x * rstd:  dw = sum(g * y);  dx = rstd * (g*w - y * mean(g*w*y))
+        y, rstd, weight = ctx.saved_tensors
+        D = y.shape[-1]
+        with torch.autocast(y.device.type, enabled=False):
+            g = grad_out.float()
+            y32 = y.float()
+            w32 = weight.float()
+            gy_ND = (g * y32).reshape(-1, D)
+            grad_w = gy_ND.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                dot = torch.mv(gy_ND, w32).div_(D).view(*g.shape[:-1], 1)
+                grad_x = torch.addcmul(g * w32, y32, dot, value=-1.0).mul_(rstd)
+                grad_x = grad_x.to(y.dtype)
+        return grad_x, grad_w, None
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +67,33 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_training_kernels(x, self.weight):
+            return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x32.to(x.dtype)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up of a fused [..., 2F] gate|up tensor; the gradient is written into one
+    [..., 2F] buffer (autograd would zero-fill two full-size tensors for the halves' slices)."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gu, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gu, act = ctx.saved_tensors
+        gate, up = gu.chunk(2, dim=-1)
+        grad = torch.empty_like(gu)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(grad_out, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_out * up, gate, grad_input=grad_gate)
+        return grad
 
 
 class MLP(nn.Module):
@@ -39,6 +106,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if needs_training_kernels(x_BTD, self.gate_proj.weight, self.up_proj.weight):
+            # One matmul (and one gradient matmul per operand) for gate and up.
+            w_2FD = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+            act_BTF = _SwiGLUFunction.apply(train_linear(x_BTD, w_2FD))
+            return apply_linear(self.down_proj, act_BTF)
         return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
 
 
@@ -117,3 +189,60 @@ def apply_rotary(x_BNTH: torch.Tensor, cos_BTH: torch.Tensor,
     rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
     out = x32 * cos_BTH.unsqueeze(1) + rotated * sin_BTH.unsqueeze(1)
     return out.to(x_BNTH.dtype)
+
+
+def signed_sin(sin_BTH: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, so that rotate_half(x) * sin == roll(x) * signed_sin,
+    where roll(x) = cat(x2, x1) swaps the halves (`rotary_qkv`)."""
+    half = sin_BTH.shape[-1] // 2
+    return torch.cat((-sin_BTH[..., :half], sin_BTH[..., half:]), dim=-1)
+
+
+class _RotaryQKVFunction(torch.autograd.Function):
+    """Split a fused q|k|v projection into heads and apply RoPE to q and k together.
+
+    out = x * cos + roll(x) * signed_sin in fp32 (x upcast on the fly, the result cast back
+    to x's dtype), the math of `apply_rotary`. The backward, dx = g * cos +
+    roll(g * signed_sin) (roll by half is its own inverse), writes the q, k and v gradients
+    straight into one [B, T, (N + 2K) * H] buffer, the gradient of the fused projection.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv_BTF: torch.Tensor, cos_BTH: torch.Tensor, ssin_BTH: torch.Tensor,
+                num_heads: int, num_kv_heads: int):
+        B, T, _ = qkv_BTF.shape
+        H = cos_BTH.shape[-1]
+        N, K = num_heads, num_kv_heads
+        x_BTSH = qkv_BTF.view(B, T, N + 2 * K, H)
+        # One explicit upcast: mixed-dtype ops would each make a hidden fp32 copy.
+        x_BTMH = x_BTSH[:, :, :N + K].float()
+        cos_BT1H, ssin_BT1H = cos_BTH.unsqueeze(2), ssin_BTH.unsqueeze(2)
+        out_BTMH = torch.addcmul(x_BTMH * cos_BT1H, x_BTMH.roll(H // 2, -1), ssin_BT1H)
+        out_BTMH = out_BTMH.to(qkv_BTF.dtype)
+        ctx.save_for_backward(cos_BTH, ssin_BTH)
+        ctx.shape = (B, T, N, K, H)
+        return (out_BTMH[:, :, :N].transpose(1, 2), out_BTMH[:, :, N:].transpose(1, 2),
+                x_BTSH[:, :, N + K:].transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_q_BNTH, grad_k_BKTH, grad_v_BKTH):
+        cos_BTH, ssin_BTH = ctx.saved_tensors
+        B, T, N, K, H = ctx.shape
+        grad_BTSH = torch.empty(B, T, N + 2 * K, H, dtype=grad_v_BKTH.dtype,
+                                device=grad_v_BKTH.device)
+        g_BTMH = torch.cat((grad_q_BNTH.transpose(1, 2), grad_k_BKTH.transpose(1, 2)),
+                           dim=2).float()
+        t_BTMH = g_BTMH * ssin_BTH.unsqueeze(2)
+        torch.addcmul(t_BTMH.roll(H // 2, -1), g_BTMH, cos_BTH.unsqueeze(2),
+                      out=grad_BTSH[:, :, :N + K])
+        grad_BTSH[:, :, N + K:].copy_(grad_v_BKTH.transpose(1, 2))
+        return grad_BTSH.view(B, T, -1), None, None, None, None
+
+
+def rotary_qkv(qkv_BTF: torch.Tensor, cos_BTH: torch.Tensor, ssin_BTH: torch.Tensor,
+               num_heads: int, num_kv_heads: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [B, N, T, H], k [B, K, T, H], v [B, K, T, H]) from a fused projection
+    qkv [B, T, (N + 2K) * H], with RoPE applied to q and k (`ssin` = `signed_sin(sin)`)."""
+    return _RotaryQKVFunction.apply(qkv_BTF.contiguous(), cos_BTH, ssin_BTH, num_heads,
+                                    num_kv_heads)

@@ -8,10 +8,12 @@ S keys (cached + new), V vocabulary.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from minicpm4.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from minicpm4.model import mup
 from minicpm4.model.attention import Attention, AttentionInputs
 from minicpm4.model.cache import KVCache
@@ -79,6 +81,35 @@ def _positions_and_mask(*, batch: int, num_new: int, valid_BT: torch.Tensor | No
     return positions_BT, mask_B1TS, False
 
 
+def _document_mask(doc_ids_BT: torch.Tensor, shape: torch.Size, mask_B1TS: torch.Tensor | None,
+                   is_causal: bool, cache: KVCache | None
+                   ) -> tuple[torch.Tensor | None, bool]:
+    """Restrict attention to the query's own document of a packed window (spec §5 packing):
+    query t sees key s <= t only where doc_ids[s] == doc_ids[t]. A window of one document
+    keeps the plain causal path."""
+    if doc_ids_BT.shape != shape:
+        raise ValueError(f"doc_ids shape {tuple(doc_ids_BT.shape)} != input_ids shape "
+                         f"{tuple(shape)}")
+    if cache is not None:
+        raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+    if bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
+        return mask_B1TS, is_causal
+    T = shape[1]
+    same_B1TT = (doc_ids_BT.unsqueeze(-1) == doc_ids_BT.unsqueeze(-2)).unsqueeze(1)
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
+    doc_B1TT = same_B1TT & causal_TT
+    return (doc_B1TT if mask_B1TS is None else doc_B1TT & mask_B1TS), False
+
+
+class LossSums(NamedTuple):
+    """fp32 sums of cross-entropy over the non-ignored targets (training forward)."""
+
+    ntp: torch.Tensor
+    """Next-token loss: position t against labels[:, t]."""
+    mtp: torch.Tensor | None
+    """MTP loss (spec §1.4) against mtp_labels[:, t] (= token t+2), when asked for."""
+
+
 class MiniCPM4Model(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -98,8 +129,8 @@ class MiniCPM4Model(nn.Module):
         self.embed_scale = mup.embedding_multiplier(cfg)
 
     def forward(self, input_ids_BT: torch.Tensor, *, attention_mask_BT: torch.Tensor | None = None,
-                positions_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                positions_BT: torch.Tensor | None = None, cache: KVCache | None = None,
+                doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, D]; see `MiniCPM4ForCausalLM.forward`."""
         if input_ids_BT.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids_BT.shape)}")
@@ -124,6 +155,9 @@ class MiniCPM4Model(nn.Module):
             batch=B, num_new=T, valid_BT=valid_BT, cache=cache, device=input_ids_BT.device)
         if positions_BT is not None:
             positions = positions_BT
+        if doc_ids_BT is not None:
+            mask_B1TS, is_causal = _document_mask(doc_ids_BT, input_ids_BT.shape, mask_B1TS,
+                                                  is_causal, cache)
         cos_BTH, sin_BTH = self.rotary_emb(positions)
         inp = AttentionInputs(cos_BTH=cos_BTH, sin_BTH=sin_BTH, mask_B1TS=mask_B1TS,
                               is_causal=is_causal, cache=cache)
@@ -166,17 +200,33 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, *, attention_mask_BT: torch.Tensor | None = None,
                 positions_BT: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        """fp32 logits [B, T', V] (T' = T, or the last `logits_to_keep` positions if > 0).
+                logits_to_keep: int = 0, doc_ids_BT: torch.Tensor | None = None,
+                labels_BT: torch.Tensor | None = None,
+                mtp_labels_BT: torch.Tensor | None = None) -> torch.Tensor | LossSums:
+        """fp32 logits [B, T', V] (T' = T, or the last `logits_to_keep` positions if > 0);
+        with `labels_BT`, the training losses instead (`LossSums`, no logits kept).
 
         Args:
             input_ids_BT: token ids [B, T].
             attention_mask_BT: 1/True for real tokens, 0/False for padding (left padding).
             positions_BT: explicit RoPE positions; by default counted over non-padding tokens.
             cache: a `KVCache`; the new tokens are appended to it.
+            doc_ids_BT: document ids of a packed window; attention stays inside a document.
+            labels_BT: *shifted* targets (labels[:, t] is the token after position t, -100 =
+                ignored): return the summed next-token cross-entropy through the fused LM-head
+                loss (`kernels/linear_ce.py`). Training goes through `forward` so that DDP and
+                FSDP2 see it.
+            mtp_labels_BT: [B, T-1] targets of the MTP head (token t+2 at column t); needs
+                `labels_BT` and an MTP head.
         """
+        if labels_BT is not None:
+            return self._loss_sums(input_ids_BT, labels_BT, mtp_labels_BT,
+                                   attention_mask_BT=attention_mask_BT, positions_BT=positions_BT,
+                                   doc_ids_BT=doc_ids_BT)
+        if mtp_labels_BT is not None:
+            raise ValueError("mtp_labels_BT needs labels_BT")
         h_BTD = self.model(input_ids_BT, attention_mask_BT=attention_mask_BT,
-                           positions_BT=positions_BT, cache=cache)
+                           positions_BT=positions_BT, cache=cache, doc_ids_BT=doc_ids_BT)
         if logits_to_keep > 0:
             h_BTD = h_BTD[:, -logits_to_keep:]
         return self.compute_logits(h_BTD)
@@ -188,31 +238,71 @@ class MiniCPM4ForCausalLM(nn.Module):
     def forward_with_mtp(self, input_ids_BT: torch.Tensor, *,
                          attention_mask_BT: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training forward with the MTP head (spec §1.4): (logits [B, T, V], mtp [B, T-1, V]).
+        """Forward with the MTP head (spec §1.4): (logits [B, T, V], mtp [B, T-1, V]), fp32.
 
         The trunk runs once; the head sees (h_t, x_{t+1}) for t < T-1, so `mtp[:, t]` predicts
-        `input_ids[:, t+2]` (the last column has no target; see `mtp.ntp_mtp_loss`). The MTP
-        token t sits at RoPE position t of the trunk and attends causally to MTP tokens <= t;
-        it is valid where both t and t+1 are real tokens. Both logits are fp32.
+        `input_ids[:, t+2]` (the last column has no target; see `mtp.ntp_mtp_loss`).
+        Training uses `forward(labels_BT=..., mtp_labels_BT=...)` instead (no logits kept).
         """
+        self._check_mtp(input_ids_BT)
+        h_BTD = self.model(input_ids_BT, attention_mask_BT=attention_mask_BT)
+        draft_BTD = self._mtp_hidden(h_BTD, input_ids_BT, attention_mask_BT=attention_mask_BT)
+        return self.compute_logits(h_BTD), self.compute_logits(draft_BTD)
+
+    def _check_mtp(self, input_ids_BT: torch.Tensor) -> None:
         if self.mtp is None:
             raise ValueError("this model has no MTP head (config field 'num_mtp_layers' is 0)")
+        if input_ids_BT.dim() != 2 or input_ids_BT.shape[1] < 2:
+            raise ValueError(f"MTP needs [batch, >= 2 tokens] input, got "
+                             f"{tuple(input_ids_BT.shape)}")
+
+    def _mtp_hidden(self, h_BTD: torch.Tensor, input_ids_BT: torch.Tensor, *,
+                    attention_mask_BT: torch.Tensor | None = None,
+                    positions_BT: torch.Tensor | None = None,
+                    doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed draft states [B, T-1, D] of the MTP head. Draft token t sits at the trunk's
+        RoPE position t and attends causally to draft tokens <= t (of its document, with
+        `doc_ids_BT`); it is valid where both t and t+1 are real tokens."""
         B, T = input_ids_BT.shape
-        if T < 2:
-            raise ValueError(f"MTP needs at least 2 tokens per row, got {T}")
-        h_BTD = self.model(input_ids_BT, attention_mask_BT=attention_mask_BT)
         valid_BT = None
         if attention_mask_BT is not None:
             valid_BT = attention_mask_BT.bool()[:, :-1] & attention_mask_BT.bool()[:, 1:]
             valid_BT = None if bool(valid_BT.all()) else valid_BT
-        positions_BT, mask_B1TS, is_causal = _positions_and_mask(
+        positions, mask_B1TS, is_causal = _positions_and_mask(
             batch=B, num_new=T - 1, valid_BT=valid_BT, cache=None, device=input_ids_BT.device)
-        cos_BTH, sin_BTH = self.model.rotary_emb(positions_BT)
+        if positions_BT is not None:
+            positions = positions_BT[:, :-1]
+        if doc_ids_BT is not None:
+            mask_B1TS, is_causal = _document_mask(doc_ids_BT[:, :-1], (B, T - 1), mask_B1TS,
+                                                  is_causal, None)
+        cos_BTH, sin_BTH = self.model.rotary_emb(positions)
         inp = AttentionInputs(cos_BTH=cos_BTH, sin_BTH=sin_BTH, mask_B1TS=mask_B1TS,
                               is_causal=is_causal, cache=None)
         next_emb_BTD = self.model.embed_tokens(input_ids_BT[:, 1:]) * self.model.embed_scale
-        draft_BTD = self.mtp(h_BTD[:, :-1], next_emb_BTD, inp)
-        return self.compute_logits(h_BTD), self.compute_logits(draft_BTD)
+        return self.mtp(h_BTD[:, :-1], next_emb_BTD, inp)
+
+    def _loss_sums(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor,
+                   mtp_labels_BT: torch.Tensor | None, **kw: torch.Tensor | None) -> LossSums:
+        """Summed CE of the LM head (and the MTP head) via `linear_cross_entropy`."""
+        if labels_BT.shape != input_ids_BT.shape:
+            raise ValueError(f"labels shape {tuple(labels_BT.shape)} != input_ids shape "
+                             f"{tuple(input_ids_BT.shape)}")
+        h_BTD = self.model(input_ids_BT, **kw)
+        ntp = self._ce_sum(h_BTD, labels_BT)
+        if mtp_labels_BT is None:
+            return LossSums(ntp, None)
+        self._check_mtp(input_ids_BT)
+        B, T = input_ids_BT.shape
+        if mtp_labels_BT.shape != (B, T - 1):
+            raise ValueError(f"mtp_labels must be [{B}, {T - 1}], got "
+                             f"{tuple(mtp_labels_BT.shape)}")
+        draft_BTD = self._mtp_hidden(h_BTD, input_ids_BT, **kw)
+        return LossSums(ntp, self._ce_sum(draft_BTD, mtp_labels_BT))
+
+    def _ce_sum(self, h_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h_BTD.flatten(0, 1), self.lm_head.weight,
+                                    labels_BT.flatten(), scale=self.logit_scale,
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
 
     @classmethod
     def from_pretrained(cls, folder, **kwargs) -> MiniCPM4ForCausalLM:

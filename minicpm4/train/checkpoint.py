@@ -64,6 +64,20 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def model_folder(path: str | Path) -> Path:
+    """The HF model folder of a training checkpoint (its `model/`), or `path` itself when it
+    is already a model folder; a run folder means its newest checkpoint."""
+    folder = Path(path)
+    if (folder / CHECKPOINTS).is_dir() and latest(folder) is not None:
+        folder = latest(folder)
+    if (folder / MODEL_DIR / "config.json").is_file():
+        return folder / MODEL_DIR
+    if (folder / "config.json").is_file():
+        return folder
+    raise ValueError(f"{folder} is neither a model folder (config.json) nor a training "
+                     f"checkpoint or run folder")
+
+
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder of `run_dir`, None if there is none."""
     found = list_checkpoints(run_dir)

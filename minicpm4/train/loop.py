@@ -161,8 +161,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None,
             raise ValueError(f"{found} does not fit this run's model config: {exc}") from exc
         model.tie_weights()
     wrapped = dist.wrap_model(model, strategy, blocks=list(model.model.layers),
-                              device=info.device,
-                              forward_methods=("forward_with_mtp",) if cfg.mtp_lambda > 0 else ())
+                              device=info.device)
     optimizer = build_optimizer(model, cfg.optim)  # DDP: same params; FSDP2: sharded in place
     schedule = WSDSchedule(cfg.schedule, cfg.optim.lr)
     loader = TokenLoader(cfg.data, cfg.seq_len, cfg.batch_size, rank=info.rank,
@@ -233,9 +232,7 @@ def evaluate_folder(model_dir: str | Path, data: str | Path, *, seq_len: int = 2
                     dtype: str = "float32") -> dict[str, float]:
     """Held-out loss / perplexity of an HF model folder (or a training checkpoint folder) on
     a token-shard folder, over its windows in stream order (all of them by default)."""
-    folder = Path(model_dir)
-    if (folder / ckpt.MODEL_DIR / "config.json").is_file():
-        folder = folder / ckpt.MODEL_DIR
+    folder = ckpt.model_folder(model_dir)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -9,10 +9,14 @@ backward (DDP and FSDP2 average gradients over ranks, the ``world`` factor undoe
 gradient equals the one of a single process holding the whole global batch, whatever the
 split into ranks and micro-batches. The reported loss is ``all_reduce(sum CE) / N``.
 
-With ``mtp_lambda`` > 0 the model must carry the MTP head (`model/mtp.py`): the step runs
-`forward_with_mtp` and adds lam x the MTP cross-entropy (target t+2 = ``labels[:, t+1]``,
-normalised by its own global count), as `model.mtp.ntp_mtp_loss` defines the total.
-`forward_with_mtp` takes no positions, so MTP training uses the default positions 0..T-1.
+With ``mtp_lambda`` > 0 the model must carry the MTP head (`model/mtp.py`): the step adds
+lam x the MTP cross-entropy (target t+2 = ``labels[:, t+1]``, normalised by its own global
+count), as `model.mtp.ntp_mtp_loss` defines the total.
+
+The losses come from the model's `forward(labels_BT=..., mtp_labels_BT=...)`: the trunk with
+the batch's packing positions and document mask (attention stays inside a document), then the
+LM head fused with the cross-entropy (`kernels/linear_ce.py`, no [tokens, vocab] fp32 logits
+kept for the backward).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minicpm4.data.packing import IGNORE_INDEX
@@ -70,11 +73,6 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def _mtp_labels(labels_BT: torch.Tensor) -> torch.Tensor:
     """MTP targets [B, T-1]: column t predicts token t+2 = labels[:, t+1]; the last column
     has no target in the window."""
@@ -85,18 +83,15 @@ def _mtp_labels(labels_BT: torch.Tensor) -> torch.Tensor:
 
 def _forward_sums(model: nn.Module, batch: Batch, *, device: torch.device, dtype: str,
                   mtp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sum of next-token CE, sum of MTP CE or None) of one micro-batch."""
+    """(sum of next-token CE, sum of MTP CE or None) of one micro-batch, through the model's
+    `forward(labels_BT=...)` (fused LM-head loss; DDP and FSDP2 hooks see it)."""
     ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
+    kw = {k + "_BT": batch[k].to(device) for k in ("positions", "doc_ids") if k in batch}
     with autocast(device, dtype):
-        if mtp:
-            if isinstance(model, nn.parallel.DistributedDataParallel):
-                raise ValueError("MTP training is not supported under DDP (its gradient hooks "
-                                 "only see forward()); use distributed 'fsdp' or 'none'")
-            logits, mtp_logits = model.forward_with_mtp(ids)
-            return _ce_sum(logits, labels), _ce_sum(mtp_logits, _mtp_labels(labels))
-        logits = model(ids, positions_BT=batch["positions"].to(device))
-    return _ce_sum(logits, labels), None
+        sums = model(ids, labels_BT=labels, mtp_labels_BT=_mtp_labels(labels) if mtp else None,
+                     **kw)
+    return sums.ntp, sums.mtp
 
 
 def _count(batches: Sequence[Batch], mtp: bool) -> tuple[int, int]:

@@ -7,8 +7,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from minicpm4.cli import build_parser, main
+from minicpm4.model.transformer import MiniCPM4ForCausalLM
 from minicpm4.train import checkpoint as ckpt
 from minicpm4.train.loop import train
 from minicpm4.train.recipe import TrainConfig
@@ -99,6 +101,18 @@ def test_cli_train_writes_log_config_and_checkpoints_then_eval(data, tmp_path, c
     assert main(["eval", "--model", str(last), "--data", str(data / "eval"), "--seq-len", "32",
                  "--batch-size", "2", "--batches", "2"]) == 0  # a checkpoint folder works too
     assert capsys.readouterr().out == line
+    # export: the run folder (newest checkpoint) -> a standalone bf16 HF folder + tokenizer
+    out_dir = tmp_path / "exported"
+    assert main(["export", str(run), str(out_dir), "--tokenizer"]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    assert (out_dir / "tokenizer.json").is_file() and (out_dir / "model.safetensors").is_file()
+    src = MiniCPM4ForCausalLM.from_pretrained(last / "model")
+    exported = MiniCPM4ForCausalLM.from_pretrained(out_dir)
+    assert exported.dtype == torch.bfloat16
+    for (name, a), b in zip(src.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "neither a model folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, match", [

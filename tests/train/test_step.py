@@ -52,7 +52,8 @@ def test_loss_is_the_global_token_mean_and_accumulation_matches_one_big_batch(sh
     model_a, opt_a, sched_a = _setup()
     model_b, opt_b, sched_b = _setup()
     with torch.no_grad():
-        logits = model_a(whole["input_ids"], positions_BT=whole["positions"])
+        logits = model_a(whole["input_ids"], positions_BT=whole["positions"],
+                         doc_ids_BT=whole["doc_ids"])
         expect = F.cross_entropy(logits.flatten(0, 1), whole["labels"].flatten()).item()
     one = train_step(model_a, opt_a, sched_a, [whole], step=3, device=CPU)
     two = train_step(model_b, opt_b, sched_b, micro, step=3, device=CPU)
@@ -61,8 +62,12 @@ def test_loss_is_the_global_token_mean_and_accumulation_matches_one_big_batch(sh
     assert two.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
     assert one.num_targets == int((whole["labels"] != -100).sum())
     assert one.num_tokens == whole["input_ids"].numel() == two.num_tokens
-    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # the (clipped) gradients the optimizer saw are the same; the weights after AdamW are not
+    # compared: Adam's g / sqrt(v) turns 1e-9 gradient differences of tiny entries into O(lr)
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        scale = float(pa.grad.abs().max())
+        torch.testing.assert_close(pb.grad / scale, pa.grad / scale, rtol=1e-5, atol=1e-6,
+                                   msg=name)
 
 
 def test_schedule_drives_the_lr_and_clip_bounds_the_update(shards) -> None:
@@ -103,7 +108,8 @@ def test_evaluate_reports_loss_and_perplexity(shards) -> None:
     assert model.training  # mode restored
     whole = _cat(batches)
     with torch.no_grad():
-        logits = model(whole["input_ids"], positions_BT=whole["positions"])
+        logits = model(whole["input_ids"], positions_BT=whole["positions"],
+                       doc_ids_BT=whole["doc_ids"])
     expect = F.cross_entropy(logits.flatten(0, 1), whole["labels"].flatten()).item()
     assert out["loss"] == pytest.approx(expect, rel=1e-6)
     assert out["perplexity"] == pytest.approx(math.exp(expect), rel=1e-6)
