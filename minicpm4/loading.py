@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from minicpm4.model.checkpoint import load_pretrained, parse_dtype
-from minicpm4.model.config import ModelConfig
+from minicpm4.model.config import ModelConfig, SparseConfig
 from minicpm4.model.hf import load_config
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 from minicpm4.tokenizer import Tokenizer
@@ -75,12 +75,39 @@ def load_tokenizer(tokenizer_dir: str | None, model_dir: Path | None) -> Tokeniz
 
 
 def random_model(preset: str, *, dtype: torch.dtype | None, device: torch.device,
-                 seed: int = 0) -> MiniCPM4ForCausalLM:
+                 seed: int = 0, config: ModelConfig | None = None) -> MiniCPM4ForCausalLM:
     if preset not in RANDOM_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(RANDOM_PRESETS)}")
-    model = MiniCPM4ForCausalLM(RANDOM_PRESETS[preset]())
+    model = MiniCPM4ForCausalLM(config or RANDOM_PRESETS[preset]())
     model.init_weights(seed=seed)
     return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def apply_sparse_args(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig:
+    """InfLLM v2 switches of the CLI (spec §2.1): `--sparse` turns it on with the published
+    defaults (or the checkpoint's own sparse_config), `--dense` turns it off, and
+    `--sparse-topk/-window/-dense-len/-init-blocks` override single fields."""
+    if getattr(args, "sparse", False) and getattr(args, "dense", False):
+        raise ValueError("--sparse and --dense are mutually exclusive")
+    if getattr(args, "dense", False):
+        return cfg.replace(sparse_config=None)
+    fields = {name: getattr(args, f"sparse_{name}", None)
+              for name in ("topk", "window_size", "dense_len", "init_blocks")}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if not getattr(args, "sparse", False) and not fields:
+        return cfg
+    base = cfg.sparse_config or SparseConfig()
+    return cfg.replace(sparse_config=base.replace(**fields) if fields else base)
+
+
+def set_sparse_lse(model: MiniCPM4ForCausalLM, mode: str | None) -> None:
+    """Selection LSE mode of every InfLLM v2 layer ("approx" default, or "exact")."""
+    if mode is None:
+        return
+    if mode not in ("approx", "exact"):
+        raise ValueError(f"--sparse-lse must be approx or exact, got {mode!r}")
+    for layer in model.model.layers:
+        layer.self_attn.sparse_lse = mode
 
 
 def load_model_and_tokenizer(args: argparse.Namespace
@@ -91,12 +118,18 @@ def load_model_and_tokenizer(args: argparse.Namespace
     if args.random and args.model:
         raise ValueError("--random and --model are mutually exclusive")
     if args.random:
-        model, model_dir = random_model(args.random, dtype=dtype, device=device), None
+        model, model_dir = random_model(args.random, dtype=dtype, device=device,
+                                        config=apply_sparse_args(
+                                            RANDOM_PRESETS[args.random](), args)), None
     else:
         model_dir = Path(args.model) if args.model else _default_model_dir()
-        model = load_pretrained(model_dir, dtype=dtype, device=device)
+        if not model_dir.is_dir():
+            raise ValueError(f"model folder {model_dir} does not exist")
+        cfg = apply_sparse_args(load_config(model_dir), args)
+        model = load_pretrained(model_dir, dtype=dtype, device=device, config=cfg)
         if dtype is None and model.dtype == torch.float16 and device.type == "cpu":
             model = model.float()
+    set_sparse_lse(model, getattr(args, "sparse_lse", None))
     tok = load_tokenizer(args.tokenizer, model_dir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model only "

@@ -67,8 +67,32 @@ def test_chat_session(model_dir) -> None:
     assert res.stdout.count("assistant> ") == 2
 
 
+def test_sparse_flags_switch_infllm_v2_on_and_off(model_dir) -> None:
+    """--sparse (+ field overrides) on a dense checkpoint, in process: the same greedy text as
+    dense while the prompt is below dense_len, and a working always-sparse run."""
+    from minicpm4 import loading
+    args = build_parser().parse_args(["generate", "--model", str(model_dir), "--sparse",
+                                      "--sparse-topk", "8", "--sparse-dense-len", "-1",
+                                      "--sparse-lse", "exact"])
+    model, _ = loading.load_model_and_tokenizer(args)
+    sc = model.config.sparse_config
+    assert (sc.topk, sc.dense_len, sc.window_size) == (8, -1, 2048)
+    assert model.model.layers[0].self_attn.sparse_lse == "exact"
+    dense_args = build_parser().parse_args(["generate", "--model", str(model_dir), "--dense"])
+    assert loading.load_model_and_tokenizer(dense_args)[0].config.sparse_config is None
+    outs = []
+    for extra in ([], ["--sparse"], ["--sparse-dense-len", "-1"]):
+        res = run_cli("generate", "--model", str(model_dir), "--prompt", "Hello there",
+                      "--max-tokens", "5", *extra)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0] == outs[1] == outs[2]  # 7 tokens: every block is selected anyway
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "--model", "/no/such/dir"], "does not exist"),
+    (["generate", "--random", "tiny", "--sparse", "--dense"], "mutually exclusive"),
+    (["generate", "--random", "tiny", "--sparse-topk", "0"], "sparse_config.topk"),
     (["generate", "--random", "tiny", "--dtype", "float16"], "float16 is not supported on CPU"),
     (["generate", "--random", "tiny", "--device", "cuda:0"], "CUDA is not available"),
     (["generate", "--random", "tiny", "--top-p", "0"], "top_p"),

@@ -30,6 +30,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype; auto = checkpoint dtype (float16 is "
                         "refused on CPU, where it is ~100x slower)")
+    sp = p.add_argument_group("InfLLM v2 sparse attention (spec §2)")
+    sp.add_argument("--sparse", action="store_true",
+                    help="enable block-sparse attention with the published defaults (top-k 64 "
+                         "+ 32 local blocks of 64, 1 sink block, dense below 8192 tokens) "
+                         "unless the checkpoint's sparse_config says otherwise")
+    sp.add_argument("--dense", action="store_true",
+                    help="ignore the checkpoint's sparse_config: dense attention everywhere")
+    sp.add_argument("--sparse-topk", type=int, default=None, metavar="K",
+                    help="blocks chosen by score on top of the local window (implies --sparse)")
+    sp.add_argument("--sparse-window", dest="sparse_window_size", type=int, default=None,
+                    metavar="TOKENS", help="local window in tokens (implies --sparse)")
+    sp.add_argument("--sparse-dense-len", type=int, default=None, metavar="TOKENS",
+                    help="attend densely below this many tokens; -1 = always sparse "
+                         "(implies --sparse)")
+    sp.add_argument("--sparse-init-blocks", type=int, default=None, metavar="N",
+                    help="leading (sink) blocks always attended (implies --sparse)")
+    sp.add_argument("--sparse-lse", choices=["approx", "exact"], default=None,
+                    help="selection normaliser: coarse-key approximation (default) or exact")
     g.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: about 2x faster batch-1 "
                         "decoding after a one-time compile (15-45 s on a CPU)")

@@ -35,10 +35,10 @@ def _gemv(x_BD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
 
 
 def supports(model: MiniCPM4ForCausalLM) -> bool:
-    """Plain MiniCPM4 layers only (no SALA gates or NoPE), on CPU or CUDA."""
+    """Plain dense MiniCPM4 layers only (no SALA gates or NoPE, no InfLLM v2), CPU or CUDA."""
     cfg = model.config
     return (set(cfg.layer_mixers) == {"minicpm4"} and cfg.attn_use_rope
-            and not cfg.attn_use_output_gate)
+            and not cfg.attn_use_output_gate and cfg.sparse_config is None)
 
 
 class CompiledDecoder:
@@ -46,7 +46,8 @@ class CompiledDecoder:
 
     def __init__(self, model: MiniCPM4ForCausalLM) -> None:
         if not supports(model):
-            raise ValueError("compiled decoding supports plain MiniCPM4 models only")
+            raise ValueError("compiled decoding supports plain dense MiniCPM4 models only "
+                             "(drop --compile, or --sparse / use --dense)")
         self.model = model
         self._step = torch.compile(self._forward, dynamic=False, fullgraph=True)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from minicpm4.kernels.attention import attention
+from minicpm4.kernels.infllm_v2.api import SparseLayerState, infllm_v2_attention
 from minicpm4.kernels.matmul import apply_linear, needs_training_kernels, train_linear
 from minicpm4.model.cache import KVCache
 from minicpm4.model.config import ModelConfig
@@ -29,6 +30,9 @@ class AttentionInputs:
     """Boolean, True = may attend; None with `is_causal` or for unmasked decode."""
     is_causal: bool
     cache: KVCache | None
+    key_start: list[int] | None = None
+    """InfLLM v2 (config `sparse_config`): per row, the first real key position of this
+    forward's keys (left padding before it); None when the model has no sparse config."""
     _signed_sin: torch.Tensor | None = field(default=None, init=False, repr=False,
                                              compare=False)
 
@@ -54,10 +58,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * h, d, bias=False)
         self.o_gate = nn.Linear(d, self.num_heads * h, bias=False) \
             if cfg.attn_use_output_gate else None
+        self.sparse = cfg.sparse_config  # InfLLM v2 (`SparseParams`), None = dense
+        self.sparse_lse = "approx"
+        """InfLLM v2 LSE mode of the selection: "approx" (coarse keys, CPM.cu's default) or
+        "exact"."""
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        if self.use_rope and inp.cache is None and needs_training_kernels(
+        nope = self.sparse is not None and self.sparse.use_nope
+        if self.use_rope and inp.cache is None and not nope and needs_training_kernels(
                 x_BTD, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight):
             # Training: one matmul for q|k|v, RoPE on q and k in one pass (layers.py). The
             # q/k/v modules are not called (their hooks do not run); the weights are theirs.
@@ -69,6 +78,7 @@ class Attention(nn.Module):
         q_BNTH = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BKTH = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTH = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        sel = (q_BNTH, k_BKTH) if nope else None  # use_nope: select with pre-RoPE q/k
         if self.use_rope:
             q_BNTH = apply_rotary(q_BNTH, inp.cos_BTH, inp.sin_BTH)
             k_BKTH = apply_rotary(k_BKTH, inp.cos_BTH, inp.sin_BTH)
@@ -76,14 +86,43 @@ class Attention(nn.Module):
             k_BKSH, v_BKSH = inp.cache.update(self.layer_idx, k_BKTH, v_BKTH)
         else:
             k_BKSH, v_BKSH = k_BKTH, v_BKTH
-        return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp)
+        return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp, sel)
 
     def _output(self, x_BTD: torch.Tensor, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor,
-                v_BKSH: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+                v_BKSH: torch.Tensor, inp: AttentionInputs,
+                sel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        out_BNTH = attention(q_BNTH, k_BKSH, v_BKSH, mask_B1TS=inp.mask_B1TS,
-                             is_causal=inp.is_causal)
+        if self.sparse is not None and inp.key_start is not None:
+            out_BNTH = self._sparse(q_BNTH, k_BKSH, v_BKSH, inp, sel)
+        else:
+            out_BNTH = attention(q_BNTH, k_BKSH, v_BKSH, mask_B1TS=inp.mask_B1TS,
+                                 is_causal=inp.is_causal)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         if self.o_gate is not None:
             out_BTD = out_BTD * torch.sigmoid(self.o_gate(x_BTD))
         return apply_linear(self.o_proj, out_BTD)
+
+    def _sparse(self, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor,
+                inp: AttentionInputs, sel: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> torch.Tensor:
+        """InfLLM v2 (spec §2): dense below `dense_len`, block-sparse above; decode keeps the
+        compressed keys in the cache (`cache.sparse_state`)."""
+        state = None
+        if inp.cache is not None:
+            get_state = getattr(inp.cache, "sparse_state", None)
+            if get_state is None:
+                raise ValueError(f"{type(inp.cache).__name__} cannot hold InfLLM v2 decode "
+                                 "state (no sparse_state method)")
+            state = get_state(self.layer_idx, SparseLayerState)
+        q_sel = k_sel_new = k_sel = None
+        if sel is not None:
+            q_sel, k_sel_new = sel
+            T, S = q_BNTH.shape[2], k_BKSH.shape[2]
+            if T != S and (T > 1 or state is None or not state.buffers):
+                raise ValueError("use_nope selection keeps only compressed pre-RoPE keys: "
+                                 "prefill in one call from an empty cache, then decode one "
+                                 "token at a time")
+            k_sel = k_sel_new if T == S else None
+        return infllm_v2_attention(q_BNTH, k_BKSH, v_BKSH, self.sparse, key_start=inp.key_start,
+                                   state=state, lse=self.sparse_lse, q_sel_BNTH=q_sel,
+                                   k_sel_new_BKTH=k_sel_new, k_sel_BKSH=k_sel)

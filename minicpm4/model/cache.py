@@ -9,7 +9,7 @@ positions, H head dim.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -53,6 +53,7 @@ class StaticKVCache:
         self._valid_BS = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self._has_padding = False
         self._num_valid_B = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._layer_state: dict[int, Any] = {}
 
     @classmethod
     def for_model(cls, cfg, *, batch_size: int, max_len: int, dtype: torch.dtype,
@@ -106,8 +107,19 @@ class StaticKVCache:
             self._num_valid_B += valid_BT.sum(dim=1)
         self._len = end
 
+    def sparse_state(self, layer_idx: int, factory: Callable[[], Any]) -> Any:
+        """The per-layer InfLLM v2 decode state (compressed-key buffers, one per row), made by
+        `factory` on first use; `reorder` keeps it in step with the rows."""
+        if layer_idx not in self._layer_state:
+            self._layer_state[layer_idx] = factory()
+        return self._layer_state[layer_idx]
+
     def reorder(self, rows_B: torch.Tensor) -> None:
         """Keep only / permute batch rows (used when finished sequences leave the batch)."""
+        keep = rows_B.tolist()
+        for state in self._layer_state.values():
+            if state.buffers:
+                state.buffers = [state.buffers[i] for i in keep]
         self.k = [k.index_select(0, rows_B) for k in self.k]
         self.v = [v.index_select(0, rows_B) for v in self.v]
         self._valid_BS = self._valid_BS.index_select(0, rows_B)

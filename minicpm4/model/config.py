@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from minicpm4.kernels.infllm_v2.params import SparseParams
+
 MIXER_KINDS = ("minicpm4", "lightning-attn")
 """Per-layer token mixers: softmax attention (dense / InfLLM v2) or Lightning linear attention."""
 
@@ -48,41 +50,9 @@ class RopeScaling:
             _fail("rope_scaling.short_factor/long_factor", "factors must be positive and finite")
 
 
-@dataclass(frozen=True, kw_only=True)
-class SparseConfig:
-    """InfLLM v2 block-sparse attention settings (`sparse_config` in config.json, spec §2.1)."""
-
-    kernel_size: int = 32
-    """Tokens per mean-pooled semantic kernel (compressed key)."""
-    kernel_stride: int = 16
-    """Stride between semantic kernels."""
-    block_size: int = 64
-    """KV block granularity of selection and sparse attention."""
-    init_blocks: int = 1
-    """Leading blocks always attended (attention sink)."""
-    window_size: int = 2048
-    """Local window; window_size // block_size local blocks are always attended."""
-    topk: int = 64
-    """Selected blocks in addition to the local ones."""
-    use_nope: bool = False
-    """Select blocks with pre-RoPE q/k (attention itself still uses RoPE)."""
-    dense_len: int = 8192
-    """Below this kv length attention is dense; -1 means always sparse."""
-
-    def __post_init__(self) -> None:
-        for name in ("kernel_size", "kernel_stride", "block_size", "window_size", "topk"):
-            if getattr(self, name) <= 0:
-                _fail(f"sparse_config.{name}", "must be positive")
-        if self.init_blocks < 0:
-            _fail("sparse_config.init_blocks", "must be >= 0")
-        if self.block_size % self.kernel_stride:
-            _fail("sparse_config.block_size", "must be a multiple of kernel_stride")
-        if self.dense_len < -1:
-            _fail("sparse_config.dense_len", "must be -1 or >= 0")
-
-    @property
-    def local_blocks(self) -> int:
-        return self.window_size // self.block_size
+SparseConfig = SparseParams
+"""InfLLM v2 settings (`sparse_config` in config.json, spec §2.1): the kernels' own
+`SparseParams`, so the model hands them over unchanged."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,6 @@ S keys (cached + new), V vocabulary.
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import torch
@@ -20,7 +19,6 @@ from minicpm4.model.cache import KVCache
 from minicpm4.model.config import ModelConfig
 from minicpm4.model.layers import MLP, RMSNorm, RotaryEmbedding
 
-log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
@@ -101,6 +99,31 @@ def _document_mask(doc_ids_BT: torch.Tensor, shape: torch.Size, mask_B1TS: torch
     return (doc_B1TT if mask_B1TS is None else doc_B1TT & mask_B1TS), False
 
 
+def _sparse_key_start(valid_BT: torch.Tensor | None, cache: KVCache | None,
+                      doc_ids_BT: torch.Tensor | None, B: int, T: int) -> list[int]:
+    """First real key position per row for InfLLM v2 (spec §2): real keys must form a suffix
+    (left padding only) and a row must hold one document."""
+    if doc_ids_BT is not None and not bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
+        raise ValueError("InfLLM v2 sparse attention does not support packed documents; give "
+                         "one document per row")
+    past_BS = cache.key_valid() if cache is not None else None
+    if valid_BT is None and past_BS is None:
+        return [0] * B
+    past = cache.seq_len if cache is not None else 0
+    device = valid_BT.device if valid_BT is not None else past_BS.device
+    key_valid_BS = torch.ones(B, past + T, dtype=torch.bool, device=device)
+    if past_BS is not None:
+        key_valid_BS[:, :past] = past_BS
+    if valid_BT is not None:
+        key_valid_BS[:, past:] = valid_BT
+    starts_B = (past + T) - key_valid_BS.sum(dim=1)
+    for b, start in enumerate(starts_B.tolist()):
+        if not bool(key_valid_BS[b, start:].all()):
+            raise ValueError("InfLLM v2 sparse attention needs left padding (row "
+                             f"{b} has padding after real tokens)")
+    return starts_B.tolist()
+
+
 class LossSums(NamedTuple):
     """fp32 sums of cross-entropy over the non-ignored targets (training forward)."""
 
@@ -117,10 +140,6 @@ class MiniCPM4Model(nn.Module):
         if unsupported:
             raise ValueError(f"mixer_types {unsupported} are not supported by this model yet; "
                              "only 'minicpm4' (softmax attention) layers can be built")
-        if cfg.sparse_config is not None:
-            log.warning("sparse_config is set but InfLLM v2 sparse attention is not available "
-                        "in this build: every layer attends densely (exact, slower on long "
-                        "inputs)")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -161,6 +180,8 @@ class MiniCPM4Model(nn.Module):
         cos_BTH, sin_BTH = self.rotary_emb(positions)
         inp = AttentionInputs(cos_BTH=cos_BTH, sin_BTH=sin_BTH, mask_B1TS=mask_B1TS,
                               is_causal=is_causal, cache=cache)
+        if self.config.sparse_config is not None:
+            inp.key_start = _sparse_key_start(valid_BT, cache, doc_ids_BT, B, T)
         x_BTD = self.embed_tokens(input_ids_BT) * self.embed_scale
         for layer in self.layers:
             x_BTD = layer(x_BTD, inp)

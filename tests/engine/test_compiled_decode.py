@@ -56,5 +56,8 @@ def test_generate_compiled_equals_eager_greedy(model: MiniCPM4ForCausalLM) -> No
 def test_unsupported_models_are_refused() -> None:
     gated = MiniCPM4ForCausalLM(tiny_config(num_hidden_layers=1, attn_use_output_gate=True))
     assert not supports(gated)
-    with pytest.raises(ValueError, match="plain MiniCPM4"):
+    with pytest.raises(ValueError, match="plain dense MiniCPM4"):
         CompiledDecoder(gated)
+    from minicpm4.model.config import SparseConfig
+    sparse = MiniCPM4ForCausalLM(tiny_config(num_hidden_layers=1, sparse_config=SparseConfig()))
+    assert not supports(sparse)  # InfLLM v2 is not in the compiled step: refuse, never go dense

@@ -1,0 +1,31 @@
+"""InfLLM v2 trainable block-sparse attention (spec §2): block selection (`selection.py`) and,
+in `stage2.py`, the sparse attention over the selected blocks. Rules: docs/infllm_v2_selection.md.
+"""
+
+from minicpm4.kernels.infllm_v2.params import SparseParams
+from minicpm4.kernels.infllm_v2.selection import (
+    LSE_MODES,
+    CompressedKeyBuffer,
+    block_scores,
+    compress_keys,
+    select_blocks,
+    select_blocks_chunked,
+    select_blocks_decode,
+    select_blocks_varlen,
+    stage1_scores,
+)
+
+# --- stage 2 (sparse attention over the selected blocks): re-exports from stage2.py go here ---
+
+__all__ = [
+    "LSE_MODES",
+    "CompressedKeyBuffer",
+    "SparseParams",
+    "block_scores",
+    "compress_keys",
+    "select_blocks",
+    "select_blocks_chunked",
+    "select_blocks_decode",
+    "select_blocks_varlen",
+    "stage1_scores",
+]
