@@ -20,7 +20,7 @@ Backends:
   rows of a block disagree; rows="auto" picks one with a cost model (`_Plan._best_rows`). The
   backward pass recomputes the probabilities from the saved log-sum-exp, FlashAttention
   style, so memory stays O(T) rather than O(T * selected keys). All math is fp32.
-- "flex": compiled `flex_attention`, with a `BlockMask` built directly from the indices. The
+- "flex" (`stage2_flex.py`): compiled `flex_attention`, with a `BlockMask` built from the indices. The
   union of a query block's rows gives the partial KV blocks. Blocks that every row selects
   and that lie wholly in the past are full. A mask_mod looks up the per-token selection, a
   [B, K, T, nb] bool table, and applies causality. It is forward only on CPU: torch raises
@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from minicpm4.kernels.infllm_v2.stage2_flex import compiled_flex, flex_block_mask
 
 BACKENDS = ("auto", "reference", "gather", "flex")
 # fp32 elements of scores (or gathered K/V) per chunk when `chunk` is None: 128 MiB, i.e. 5
@@ -313,52 +315,6 @@ class _GatherAttention(torch.autograd.Function):
         return dq_NTH, dk_KSH.to(kdt), dv_KSH.to(vdt), None
 
 
-# ----------------------------------------------------------------------------- flex
-
-_FLEX: dict = {}  # the compiled flex_attention; torch.compile keeps one graph per shape
-
-
-def _compiled_flex():
-    if not _FLEX:  # dynamic=True fails here: inductor's CPU flex template emits invalid C++
-        from torch.nn.attention.flex_attention import flex_attention
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
-
-
-def _flex_mask_mod(sel_BKTb: torch.Tensor, offset: torch.Tensor, G: int, bs: int):
-    # One code object for every call: dynamo guards on the code and lifts the captured
-    # tensors as graph inputs, so a new selection does not recompile.
-    def mask_mod(b, h, q_idx, kv_idx):
-        return sel_BKTb[b, h // G, q_idx, kv_idx // bs] & (kv_idx <= q_idx + offset)
-    return mask_mod
-
-
-def _flex_block_mask(sel_BKTb, N: int, T: int, S: int, bs: int, q_offset: int, backward: bool):
-    """BlockMask from the per-token selection. A query block's partial KV blocks are the union
-    of its rows' blocks. Full blocks (selected by every row and wholly in the past) skip the
-    mask_mod."""
-    from torch.nn.attention.flex_attention import BlockMask
-    B, K, Tp, nb = sel_BKTb.shape
-    Qf, dev = Tp // bs, sel_BKTb.device
-    rows_BKQRb = sel_BKTb.view(B, K, Qf, bs, nb)
-    pad_QR1 = (torch.arange(Tp, device=dev) >= T).view(Qf, bs, 1)
-    first_Q1 = q_offset + torch.arange(Qf, device=dev)[:, None] * bs
-    past_Qb = (torch.arange(nb, device=dev) + 1) * bs - 1 <= first_Q1
-    full_BKQb = (rows_BKQRb | pad_QR1).all(dim=3) & past_Qb
-    part_BKQb = rows_BKQRb.any(dim=3) & ~full_BKQb
-
-    def to_kv(m_BKQb):
-        num = m_BKQb.sum(dim=-1).to(torch.int32).repeat_interleave(N // K, dim=1)
-        ind = torch.argsort((~m_BKQb).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num.contiguous(), ind.repeat_interleave(N // K, dim=1).contiguous()
-
-    (pn, pi), (fn, fi) = to_kv(part_BKQb), to_kv(full_BKQb)
-    offset = torch.tensor(q_offset, dtype=torch.int64, device=dev)
-    return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs,
-                                    mask_mod=_flex_mask_mod(sel_BKTb, offset, N // K, bs),
-                                    seq_lengths=(T, S), compute_q_blocks=backward)
-
-
 # ----------------------------------------------------------------------------- public API
 
 def _check_all(q, k, v, idx, block_size: int, q_offset: int) -> bool:
@@ -427,8 +383,8 @@ def sparse_attention_flex(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int,
     sel_BKTb = torch.stack([_selection(i, nb, block_size, q_offset) for i in idx])
     sel_BKTb = torch.nn.functional.pad(sel_BKTb, (0, 0, 0, Qf * block_size - T)).contiguous()
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bm = _flex_block_mask(sel_BKTb, N, T, S, block_size, q_offset, backward)
-    out = _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=N != K)
+    bm = flex_block_mask(sel_BKTb, N, T, S, block_size, q_offset, backward)
+    out = compiled_flex()(q, k, v, block_mask=bm, enable_gqa=N != K)
     return out if batch else out[0]
 
 
