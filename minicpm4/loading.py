@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from minicpm4.kernels.infllm_v2.selection import LSE_MODES
 from minicpm4.model.checkpoint import load_pretrained, parse_dtype
 from minicpm4.model.config import ModelConfig, SparseConfig
 from minicpm4.model.hf import load_config
@@ -104,8 +105,8 @@ def set_sparse_lse(model: MiniCPM4ForCausalLM, mode: str | None) -> None:
     """Selection LSE mode of every InfLLM v2 layer ("approx" default, or "exact")."""
     if mode is None:
         return
-    if mode not in ("approx", "exact"):
-        raise ValueError(f"--sparse-lse must be approx or exact, got {mode!r}")
+    if mode not in LSE_MODES:
+        raise ValueError(f"--sparse-lse must be one of {LSE_MODES}, got {mode!r}")
     for layer in model.model.layers:
         layer.self_attn.sparse_lse = mode
 

@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from minicpm4.utils.masks import document_causal_mask
+
 __all__ = ["IGNORE_INDEX", "PackedSequence", "num_sequences", "segments", "shift_labels",
            "pack_window", "pack_documents", "collate", "document_causal_mask"]
 
@@ -138,19 +140,3 @@ def collate(seqs: Sequence[PackedSequence]) -> dict[str, torch.Tensor]:
     rows = [s.model_inputs() for s in seqs]
     return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
 
-
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Block-causal-within-document attention mask (reference implementation).
-
-    Args:
-        doc_ids: [T] or [B, T] document ids (as from `segments` / the loader).
-    Returns:
-        bool [T, T] or [B, T, T]: ``mask[..., q, k] = k <= q and doc_ids[q] == doc_ids[k]``
-        (True = may attend). For `kernels.attention`'s ``mask_B1TS`` use ``mask.unsqueeze(1)``.
-    """
-    if doc_ids.dim() not in (1, 2):
-        raise ValueError(f"doc_ids must be [T] or [B, T], got shape {tuple(doc_ids.shape)}")
-    T = doc_ids.shape[-1]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc_BTT = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
-    return same_doc_BTT & causal_TT

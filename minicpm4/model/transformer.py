@@ -18,6 +18,7 @@ from minicpm4.model.attention import Attention, AttentionInputs
 from minicpm4.model.cache import KVCache
 from minicpm4.model.config import ModelConfig
 from minicpm4.model.layers import MLP, RMSNorm, RotaryEmbedding
+from minicpm4.utils.masks import document_causal_mask
 
 
 
@@ -43,6 +44,26 @@ class DecoderLayer(nn.Module):
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)) * self.residual_scale
 
 
+def _key_valid(valid_BT: torch.Tensor | None, cache: KVCache | None, batch: int, num_new: int,
+               device: torch.device) -> torch.Tensor | None:
+    """[B, cached + new] bool, False at padding keys (the cache's, then this forward's); None
+    when no key is padding."""
+    past_valid_BS = cache.key_valid() if cache is not None else None
+    if valid_BT is None and past_valid_BS is None:
+        return None
+    past = cache.seq_len if cache is not None else 0
+    key_valid_BS = torch.ones(batch, past + num_new, dtype=torch.bool, device=device)
+    if past_valid_BS is not None:
+        key_valid_BS[:, :past] = past_valid_BS
+    if valid_BT is not None:
+        key_valid_BS[:, past:] = valid_BT
+    return key_valid_BS
+
+
+def _single_document(doc_ids_BT: torch.Tensor) -> bool:
+    return bool((doc_ids_BT == doc_ids_BT[:, :1]).all())
+
+
 def _positions_and_mask(*, batch: int, num_new: int, valid_BT: torch.Tensor | None,
                         cache: KVCache | None, device: torch.device
                         ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -58,8 +79,8 @@ def _positions_and_mask(*, batch: int, num_new: int, valid_BT: torch.Tensor | No
         positions_BT = base_B1 + torch.arange(num_new, device=device)
     else:
         positions_BT = base_B1 + (valid_BT.long().cumsum(dim=1) - 1).clamp(min=0)
-    past_valid_BS = cache.key_valid() if cache is not None else None
-    if valid_BT is None and past_valid_BS is None:
+    key_valid_BS = _key_valid(valid_BT, cache, batch, num_new, device)
+    if key_valid_BS is None:
         if num_new == 1:
             return positions_BT, None, False
         if past == 0:
@@ -67,13 +88,7 @@ def _positions_and_mask(*, batch: int, num_new: int, valid_BT: torch.Tensor | No
     q_T1 = torch.arange(num_new, device=device).view(-1, 1) + past
     k_1S = torch.arange(past + num_new, device=device).view(1, -1)
     mask_B1TS = (k_1S <= q_T1).expand(batch, 1, num_new, past + num_new)
-    if valid_BT is not None or past_valid_BS is not None:
-        ones = torch.ones(batch, past + num_new, dtype=torch.bool, device=device)
-        key_valid_BS = ones
-        if past_valid_BS is not None:
-            key_valid_BS[:, :past] = past_valid_BS
-        if valid_BT is not None:
-            key_valid_BS[:, past:] = valid_BT
+    if key_valid_BS is not None:
         mask_B1TS = mask_B1TS & key_valid_BS.view(batch, 1, 1, -1)
         mask_B1TS = mask_B1TS | (k_1S == q_T1)
     return positions_BT, mask_B1TS, False
@@ -90,33 +105,24 @@ def _document_mask(doc_ids_BT: torch.Tensor, shape: torch.Size, mask_B1TS: torch
                          f"{tuple(shape)}")
     if cache is not None:
         raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-    if bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
+    if _single_document(doc_ids_BT):
         return mask_B1TS, is_causal
-    T = shape[1]
-    same_B1TT = (doc_ids_BT.unsqueeze(-1) == doc_ids_BT.unsqueeze(-2)).unsqueeze(1)
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
-    doc_B1TT = same_B1TT & causal_TT
+    doc_B1TT = document_causal_mask(doc_ids_BT).unsqueeze(1)
     return (doc_B1TT if mask_B1TS is None else doc_B1TT & mask_B1TS), False
 
 
 def _sparse_key_start(valid_BT: torch.Tensor | None, cache: KVCache | None,
-                      doc_ids_BT: torch.Tensor | None, B: int, T: int) -> list[int]:
+                      doc_ids_BT: torch.Tensor | None, B: int, T: int,
+                      device: torch.device) -> list[int]:
     """First real key position per row for InfLLM v2 (spec §2): real keys must form a suffix
     (left padding only) and a row must hold one document."""
-    if doc_ids_BT is not None and not bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
+    if doc_ids_BT is not None and not _single_document(doc_ids_BT):
         raise ValueError("InfLLM v2 sparse attention does not support packed documents; give "
                          "one document per row")
-    past_BS = cache.key_valid() if cache is not None else None
-    if valid_BT is None and past_BS is None:
+    key_valid_BS = _key_valid(valid_BT, cache, B, T, device)
+    if key_valid_BS is None:
         return [0] * B
-    past = cache.seq_len if cache is not None else 0
-    device = valid_BT.device if valid_BT is not None else past_BS.device
-    key_valid_BS = torch.ones(B, past + T, dtype=torch.bool, device=device)
-    if past_BS is not None:
-        key_valid_BS[:, :past] = past_BS
-    if valid_BT is not None:
-        key_valid_BS[:, past:] = valid_BT
-    starts_B = (past + T) - key_valid_BS.sum(dim=1)
+    starts_B = key_valid_BS.shape[1] - key_valid_BS.sum(dim=1)
     for b, start in enumerate(starts_B.tolist()):
         if not bool(key_valid_BS[b, start:].all()):
             raise ValueError("InfLLM v2 sparse attention needs left padding (row "
@@ -181,7 +187,8 @@ class MiniCPM4Model(nn.Module):
         inp = AttentionInputs(cos_BTH=cos_BTH, sin_BTH=sin_BTH, mask_B1TS=mask_B1TS,
                               is_causal=is_causal, cache=cache)
         if self.config.sparse_config is not None:
-            inp.key_start = _sparse_key_start(valid_BT, cache, doc_ids_BT, B, T)
+            inp.key_start = _sparse_key_start(valid_BT, cache, doc_ids_BT, B, T,
+                                              input_ids_BT.device)
         x_BTD = self.embed_tokens(input_ids_BT) * self.embed_scale
         for layer in self.layers:
             x_BTD = layer(x_BTD, inp)

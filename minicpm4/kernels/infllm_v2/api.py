@@ -22,12 +22,9 @@ import torch
 
 from minicpm4.kernels.attention import attention
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, select_blocks_chunked,
-                                                  select_blocks_decode)
+from minicpm4.kernels.infllm_v2.selection import (LSE_MODES, CompressedKeyBuffer,
+                                                  select_blocks_chunked, select_blocks_decode)
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
-
-LSE_MODES = ("exact", "approx")
-
 
 @dataclass
 class SparseLayerState:
