@@ -15,6 +15,7 @@ from minicpm4.kernels.infllm_v2.selection import LSE_MODES
 from minicpm4.model.checkpoint import load_pretrained, parse_dtype
 from minicpm4.model.config import ModelConfig, SparseConfig
 from minicpm4.model.hf import load_config
+from minicpm4.model.rope_extension import extend_context
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 from minicpm4.tokenizer import Tokenizer
 
@@ -101,6 +102,35 @@ def apply_sparse_args(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig
     return cfg.replace(sparse_config=base.replace(**fields) if fields else base)
 
 
+def parse_context(value: str | int) -> int:
+    """`--context` value -> tokens: a positive integer, or N with a `k` suffix (N x 1024, e.g.
+    "32k" = 32768, "128k" = 131072)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        tokens = value
+    else:
+        text = str(value).strip().lower()
+        number, mult = (text[:-1], 1024) if text.endswith("k") else (text, 1)
+        if not number.isdigit():
+            raise ValueError(f"--context must be a token count such as 4096, 32k, 64k or 128k, "
+                             f"got {value!r}")
+        tokens = int(number) * mult
+    if tokens <= 0:
+        raise ValueError(f"--context must be positive, got {value!r}")
+    return tokens
+
+
+def apply_context(cfg: ModelConfig, context: str | int | None) -> ModelConfig:
+    """`--context` presets (spec §1.3): None leaves `cfg` alone; otherwise the model is made to
+    reach that many positions: `max_position_embeddings` = the target and LongRoPE factors
+    extended by `model.rope_extension.extend_context` (derived by YaRN's by-parts rule on top of
+    the config's own factors; for MiniCPM4-8B's shipped 32K list, `--context 128k` gives a
+    derived 128K list with original_max 32768, *not* the README's published one, which is not
+    available offline). A target the model already reaches changes nothing."""
+    if context is None:
+        return cfg
+    return extend_context(cfg, parse_context(context))
+
+
 def set_sparse_lse(model: MiniCPM4ForCausalLM, mode: str | None) -> None:
     """Selection LSE mode of every InfLLM v2 layer ("approx" default, or "exact")."""
     if mode is None:
@@ -113,20 +143,22 @@ def set_sparse_lse(model: MiniCPM4ForCausalLM, mode: str | None) -> None:
 
 def load_model_and_tokenizer(args: argparse.Namespace
                              ) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
-    """From CLI-style args: --model/--random, --tokenizer, --device, --dtype."""
+    """From CLI-style args: --model/--random, --tokenizer, --device, --dtype, --context and the
+    sparse switches."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.random and args.model:
         raise ValueError("--random and --model are mutually exclusive")
     if args.random:
+        cfg = apply_context(RANDOM_PRESETS[args.random](), getattr(args, "context", None))
         model, model_dir = random_model(args.random, dtype=dtype, device=device,
-                                        config=apply_sparse_args(
-                                            RANDOM_PRESETS[args.random](), args)), None
+                                        config=apply_sparse_args(cfg, args)), None
     else:
         model_dir = Path(args.model) if args.model else _default_model_dir()
         if not model_dir.is_dir():
             raise ValueError(f"model folder {model_dir} does not exist")
-        cfg = apply_sparse_args(load_config(model_dir), args)
+        cfg = apply_context(load_config(model_dir), getattr(args, "context", None))
+        cfg = apply_sparse_args(cfg, args)
         model = load_pretrained(model_dir, dtype=dtype, device=device, config=cfg)
         if dtype is None and model.dtype == torch.float16 and device.type == "cpu":
             model = model.float()

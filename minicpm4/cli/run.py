@@ -30,6 +30,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype; auto = checkpoint dtype (float16 is "
                         "refused on CPU, where it is ~100x slower)")
+    add_context_sparse_args(p)
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: about 2x faster batch-1 "
+                        "decoding after a one-time compile (15-45 s on a CPU)")
+
+
+def add_context_sparse_args(p: argparse.ArgumentParser, *, lse: bool = True) -> None:
+    """`--context` (spec §1.3) and the InfLLM v2 switches (spec §2.1); resolved by
+    `loading.apply_context` / `loading.apply_sparse_args` (generate, chat, eval, train)."""
+    p.add_argument_group("context length (spec §1.3)").add_argument(
+        "--context", default=None, metavar="N",
+        help="extend the model to N positions (e.g. 32k, 64k, 128k or 40000): sets "
+             "max_position_embeddings and derives LongRoPE long factors by YaRN's by-parts rule "
+             "from the config's own factors (for MiniCPM4-8B, 128k gives a derived list, not "
+             "the README's published one); a length the model already reaches changes nothing")
     sp = p.add_argument_group("InfLLM v2 sparse attention (spec §2)")
     sp.add_argument("--sparse", action="store_true",
                     help="enable block-sparse attention with the published defaults (top-k 64 "
@@ -46,11 +61,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                          "(implies --sparse)")
     sp.add_argument("--sparse-init-blocks", type=int, default=None, metavar="N",
                     help="leading (sink) blocks always attended (implies --sparse)")
-    sp.add_argument("--sparse-lse", choices=["approx", "exact"], default=None,
-                    help="selection normaliser: coarse-key approximation (default) or exact")
-    g.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile: about 2x faster batch-1 "
-                        "decoding after a one-time compile (15-45 s on a CPU)")
+    if lse:
+        sp.add_argument("--sparse-lse", choices=["approx", "exact"], default=None,
+                        help="selection normaliser: coarse-key approximation (default) or exact")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
@@ -100,8 +113,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     info.add_argument("--model", metavar="PATH", default=None,
                       help="model folder or config.json (default: the bundled model)")
     info.add_argument("--preset", choices=sorted(loading.PRESETS), default=None)
-    info.add_argument("--context", type=int, default=None,
-                      help="context length for the KV-cache estimate (default: max positions)")
+    info.add_argument("--context", default=None, metavar="N",
+                      help="context length (e.g. 4096, 32k, 128k) for the KV-cache estimate "
+                           "(default: max positions); beyond max positions the config is "
+                           "extended as `generate --context` does")
     return {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info}
 
 
@@ -177,5 +192,6 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     cfg = loading.resolve_config(model=args.model, preset=args.preset)
-    print(loading.describe(cfg, context=args.context))
+    context = None if args.context is None else loading.parse_context(args.context)
+    print(loading.describe(loading.apply_context(cfg, context), context=context))
     return 0

@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from minicpm4 import loading
+from minicpm4.cli.run import add_context_sparse_args
 from minicpm4.data import tokenize as data_tokenize
 
 Handler = Callable[[argparse.Namespace], int]
@@ -90,10 +91,12 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model-config", metavar="PATH", default=None,
                    help="HF config.json (or a folder holding one): fresh init of that shape")
     g.add_argument("--init-from", metavar="DIR", default=None,
-                   help="HF model folder whose weights start the run")
+                   help="HF model folder whose weights start the run (continued training; "
+                        "with --context / --sparse the run's config extends the folder's)")
     g.add_argument("--parametrization", choices=["mup", "sp"], default="mup")
     g.add_argument("--mtp-lambda", type=float, default=0.0,
                    help="MTP loss weight (needs a model config with num_mtp_layers 1)")
+    add_context_sparse_args(tr, lse=False)
     d = tr.add_argument_group("data and batch")
     d.add_argument("--data", required=True, metavar="DIR", help="training shard folder")
     d.add_argument("--eval-data", metavar="DIR", default=None, help="held-out shard folder")
@@ -139,6 +142,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batches", type=int, default=None, help="default: every window")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_context_sparse_args(ev, lse=False)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -155,6 +159,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model_cfg = loading.PRESETS[args.preset]()
     else:
         model_cfg = load_config(args.model_config or args.init_from)
+    model_cfg = loading.apply_sparse_args(loading.apply_context(model_cfg, args.context), args)
     if not isinstance(args.steps, int) or args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     warmup = args.steps // 20 if args.warmup_steps is None else args.warmup_steps
@@ -196,9 +201,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from minicpm4.train.loop import evaluate_folder
+    if args.context is not None:
+        loading.parse_context(args.context)  # a bad value fails before any loading
     out = evaluate_folder(args.model, args.data, seq_len=args.seq_len,
                           batch_size=args.batch_size, batches=args.batches,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype,
+                          adjust_config=lambda cfg: loading.apply_sparse_args(
+                              loading.apply_context(cfg, args.context), args))
     print(f"loss {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  "
           f"({out['num_targets']:,} targets in {out['num_batches']} batches)")
     return 0

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from minicpm4.data.loader import TokenLoader
+from minicpm4.model.config import ModelConfig
+from minicpm4.model.hf import load_config
 from minicpm4.model.mup import config_for, init_model_
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 from minicpm4.train import checkpoint as ckpt
@@ -63,9 +65,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> MiniCPM4ForCausalLM:
-    """Fresh μP/SP-initialised model (seed `cfg.seed`), or `cfg.init_from`'s weights; fp32."""
+    """Fresh μP/SP-initialised model (seed `cfg.seed`), or `cfg.init_from`'s weights; fp32.
+
+    With `init_from` the architecture is `cfg.model`, which may differ from the folder's
+    config.json in what carries no weights (e.g. `--context` / `--sparse`: continued training
+    at long context with InfLLM v2, spec §2.3); a shape mismatch is a named error."""
     if cfg.init_from:
-        model = MiniCPM4ForCausalLM.from_pretrained(cfg.init_from, dtype="float32")
+        model = MiniCPM4ForCausalLM.from_pretrained(cfg.init_from, dtype="float32",
+                                                    config=cfg.model)
     else:
         model = MiniCPM4ForCausalLM(config_for(cfg.model, cfg.parametrization))
         init_model_(model, cfg.parametrization, seed=cfg.seed,
@@ -229,15 +236,21 @@ def _emit(out: Any, rec: dict[str, Any], result: RunResult) -> None:
 
 def evaluate_folder(model_dir: str | Path, data: str | Path, *, seq_len: int = 256,
                     batch_size: int = 8, batches: int | None = None, device: str = "cpu",
-                    dtype: str = "float32") -> dict[str, float]:
+                    dtype: str = "float32",
+                    adjust_config: Callable[[ModelConfig], ModelConfig] | None = None
+                    ) -> dict[str, float]:
     """Held-out loss / perplexity of an HF model folder (or a training checkpoint folder) on
-    a token-shard folder, over its windows in stream order (all of them by default)."""
+    a token-shard folder, over its windows in stream order (all of them by default).
+    `adjust_config` maps the folder's config before loading (`--context`, `--sparse`)."""
     folder = ckpt.model_folder(model_dir)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
-    model = MiniCPM4ForCausalLM.from_pretrained(folder, dtype="float32", device=device)
+    cfg = load_config(folder)
+    model = MiniCPM4ForCausalLM.from_pretrained(
+        folder, dtype="float32", device=device,
+        config=adjust_config(cfg) if adjust_config is not None else cfg)
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
