@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minicpm4.detokenize import StreamDetokenizer
 from minicpm4.engine.compiled_decode import decoder_for
 from minicpm4.engine.request import SamplingParams
 from minicpm4.engine.sampler import sample, token_counts
+from minicpm4.engine.stopping import StopChecker
 from minicpm4.model.cache import StaticKVCache
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 
@@ -38,57 +38,6 @@ class GenerationOutput:
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
-
-
-class _RowState:
-    """Stop handling for one request: stop tokens, and stop strings held back until decided."""
-
-    def __init__(self, params: SamplingParams, eos_ids: set[int], tokenizer,
-                 prompt: Sequence[int]) -> None:
-        self.params = params
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
-        # The prompt's tail is decoding context, so a first token "▁word" keeps its space.
-        self.detok = None if tokenizer is None else \
-            StreamDetokenizer(tokenizer, context_ids=list(prompt[-8:]))
-        if params.stop and self.detok is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.pending = ""
-        self.generated = 0
-
-    def step(self, token_id: int) -> tuple[str, str | None]:
-        """Feed one token; returns (text to emit, finish reason or None)."""
-        self.generated += 1
-        if token_id in self.stop_ids:
-            return self._drain(), "stop"
-        if self.detok is not None:
-            self.pending += self.detok.push(token_id)
-        for stop in self.params.stop:
-            at = self.pending.find(stop)
-            if at >= 0:
-                end = at + len(stop) if self.params.include_stop_str_in_output else at
-                text, self.pending = self.pending[:end], ""
-                return text, "stop"
-        if self.generated >= self.params.max_tokens:
-            return self._drain(), "length"
-        keep = self._held_back()
-        text = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return text, None
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of `pending` that could still begin a stop string."""
-        best = 0
-        for stop in self.params.stop:
-            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
-                if stop.startswith(self.pending[-n:]):
-                    best = n
-                    break
-        return best
-
-    def _drain(self) -> str:
-        text = self.pending + (self.detok.flush() if self.detok is not None else "")
-        self.pending = ""
-        return text
 
 
 def _check_prompts(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]],
@@ -130,7 +79,7 @@ def generate_stream(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]]
     eos = set(model.config.eos_token_id)
     if tokenizer is not None:
         eos |= set(tokenizer.stop_token_ids)
-    states = [_RowState(p, eos, tokenizer, prompt) for p, prompt in zip(plist, prompts)]
+    states = [StopChecker(p, eos, tokenizer, prompt) for p, prompt in zip(plist, prompts)]
     gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
             for p in plist]
     width = max(len(p) for p in prompts)

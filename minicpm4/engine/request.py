@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -33,6 +35,8 @@ class SamplingParams:
     seed: int | None = None
     """Per-request RNG seed: the same seed gives the same sample."""
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely (k <= 20)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +56,10 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and
+                                       0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be an integer in [0, {MAX_LOGPROBS}]"),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
         ]
         for ok, msg in checks:
             if not ok:

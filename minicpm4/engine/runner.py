@@ -1,0 +1,67 @@
+"""Scheduled tokens -> model forwards -> last-position logits (issue 5).
+
+A step's work is split into forwards the model's cache protocol can express (`PagedBatch`:
+rows that already hold tokens receive the same number of new tokens; only rows starting from
+nothing may be left-padded):
+- decode rows (one new token after stored ones) in one batched forward;
+- first chunks of new sequences in one left-padded forward;
+- each continuing prefill chunk on its own.
+Shape legend: B rows, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minicpm4.engine.kv_cache import BlockPool, PagedBatch
+from minicpm4.engine.sequence import Sequence
+from minicpm4.model.transformer import MiniCPM4ForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: MiniCPM4ForCausalLM, pool: BlockPool, *, pad_id: int = 0) -> None:
+        self.model = model
+        self.pool = pool
+        self.pad_id = pad_id
+        self.device = model.device
+        self.sparse = model.config.sparse_config is not None
+        self.num_forwards = 0
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
+        """Compute the scheduled tokens (writing their K/V into the pages); returns the fp32
+        logits [V] after the last token of every sequence whose tokens are now all computed."""
+        decode, fresh, chunks = [], [], []
+        for seq, n in scheduled:
+            if seq.num_computed == 0:
+                fresh.append((seq, n))
+            elif n == 1:
+                decode.append((seq, n))
+            else:
+                chunks.append([(seq, n)])
+        groups = ([decode] if decode else []) + ([fresh] if fresh else []) + chunks
+        logits: dict[str, torch.Tensor] = {}
+        for group in groups:
+            logits.update(self._forward(group))
+        return logits
+
+    def _forward(self, group: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
+        T = max(n for _, n in group)
+        B = len(group)
+        ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
+        padded = any(n != T for _, n in group)
+        mask_BT = torch.zeros(B, T, dtype=torch.bool) if padded else None
+        for b, (seq, n) in enumerate(group):
+            start = seq.num_computed
+            ids_BT[b, T - n:] = torch.tensor(seq.all_ids[start:start + n], dtype=torch.long)
+            if mask_BT is not None:
+                mask_BT[b, T - n:] = True
+        cache = PagedBatch(self.pool, [s.block_table for s, _ in group],
+                           [s.num_computed for s, _ in group], [n for _, n in group],
+                           seq_ids=[s.request_id for s, _ in group] if self.sparse else None)
+        logits_BV = self.model(ids_BT.to(self.device), cache=cache, logits_to_keep=1,
+                               attention_mask_BT=None if mask_BT is None
+                               else mask_BT.to(self.device))[:, -1]
+        self.num_forwards += 1
+        return {seq.request_id: logits_BV[b] for b, (seq, n) in enumerate(group)
+                if seq.num_computed + n == seq.num_tokens}
