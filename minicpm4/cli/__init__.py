@@ -7,6 +7,8 @@ data      prepare training data: `data tokenize` turns text/JSONL corpora into t
 train     pre-train a model (1 process, or DDP / FSDP2 under torchrun); --resume continues
 eval      held-out loss and perplexity of a model folder on a token-shard folder
 tune      ModelTunnel: μP coordinate check and LR sweep on proxy widths
+serve     OpenAI-compatible HTTP server (continuous batching engine)
+bench     `bench serve`: load a running server, audit the streams, print latency
 Bad input prints `error: ...` and exits with status 2; no traceback for user mistakes.
 """
 
@@ -15,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minicpm4.cli import run, train, tune
+from minicpm4.cli import run, serve, train, tune
 
-_MODULES = (run, train, tune)
+_MODULES = (run, train, tune, serve)
 
 
 def _parser_and_handlers() -> tuple[argparse.ArgumentParser, dict]:
