@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -154,9 +155,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     default_max_tokens=args.default_max_tokens)
     print(f"serving {name} (context {engine.max_model_len}, {engine.llm.pool.num_usable} KV "
           f"blocks) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    serve_forever(app, args.host, args.port, log_level=args.log_level,
-                  graceful_timeout_s=args.graceful_timeout)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal; ours turns
+    # that into a normal return, so that a clean shutdown exits with status 0.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        serve_forever(app, args.host, args.port, log_level=args.log_level,
+                      graceful_timeout_s=args.graceful_timeout)
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("server stopped", file=sys.stderr, flush=True)
     return 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
 
 
 BENCH_PROMPTS = [

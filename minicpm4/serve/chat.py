@@ -21,6 +21,10 @@ from minicpm4.serve.protocol import ChatCompletionRequest
 from minicpm4.serve.tools import ToolStreamFilter, parse_tool_calls, render_messages
 
 
+_RESERVED_TEMPLATE_ARGS = {"messages", "tools", "documents", "tokenize",
+                           "add_generation_prompt"}
+
+
 def chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int], list[str]]:
     """Prompt token ids and the names of the tools offered (empty: no tool parsing)."""
     tools = [t.model_dump(exclude_none=True) for t in req.active_tools()]
@@ -33,7 +37,8 @@ def chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int], 
             msg["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
         messages.append(msg)
     rendered = render_messages(messages, tools, handles_tools)
-    extra = dict(req.chat_template_kwargs or {})
+    extra = {k: v for k, v in (req.chat_template_kwargs or {}).items()
+             if k not in _RESERVED_TEMPLATE_ARGS}
     if handles_tools and tools:
         extra["tools"] = tools
     ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True,

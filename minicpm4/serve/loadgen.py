@@ -31,6 +31,8 @@ class RequestResult:
     saw_done: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    cancelled: bool = False
+    """The client closed the stream early on purpose (not audited)."""
 
 
 @dataclass
@@ -42,7 +44,12 @@ class LoadReport:
 
     @property
     def ok(self) -> list[RequestResult]:
-        return [r for r in self.results if r.status == 200 and r.error is None]
+        return [r for r in self.results if r.status == 200 and r.error is None
+                and not r.cancelled]
+
+    @property
+    def cancelled(self) -> int:
+        return sum(1 for r in self.results if r.cancelled)
 
     @property
     def server_errors(self) -> int:
@@ -50,7 +57,8 @@ class LoadReport:
 
     @property
     def missing_done(self) -> int:
-        return sum(1 for r in self.results if r.status == 200 and not r.saw_done)
+        return sum(1 for r in self.results if r.status == 200 and not r.saw_done
+                   and not r.cancelled)
 
     @property
     def token_mismatches(self) -> int:
@@ -72,13 +80,14 @@ class LoadReport:
 
     @property
     def clean(self) -> bool:
-        return (len(self.ok) == len(self.results) and not self.missing_done
+        return (len(self.ok) + self.cancelled == len(self.results) and not self.missing_done
                 and not self.token_mismatches and not self.text_mismatches)
 
     def summary(self) -> str:
-        return (f"concurrency {self.concurrency:>3}: {len(self.ok)}/{len(self.results)} ok, "
-                f"5xx {self.server_errors}, missing [DONE] {self.missing_done}, token "
-                f"mismatches {self.token_mismatches}, text mismatches {self.text_mismatches}"
+        cancelled = f" (+{self.cancelled} cancelled)" if self.cancelled else ""
+        return (f"concurrency {self.concurrency:>3}: {len(self.ok)}/{len(self.results)} ok"
+                f"{cancelled}, 5xx {self.server_errors}, missing [DONE] {self.missing_done}, "
+                f"token mismatches {self.token_mismatches}, text mismatches {self.text_mismatches}"
                 f" | {self.generated_tokens} tokens in {self.wall_s:.2f} s = "
                 f"{self.tokens_per_s:.1f} tok/s | latency p50 {self.latency(50):.3f} s p99 "
                 f"{self.latency(99):.3f} s | TTFT p50 {self.ttft(50):.3f} s p99 "
@@ -86,7 +95,8 @@ class LoadReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "requests": len(self.results),
-                "ok": len(self.ok), "server_errors": self.server_errors,
+                "ok": len(self.ok), "cancelled": self.cancelled,
+                "server_errors": self.server_errors,
                 "missing_done": self.missing_done, "token_mismatches": self.token_mismatches,
                 "text_mismatches": self.text_mismatches, "wall_s": self.wall_s,
                 "generated_tokens": self.generated_tokens, "tokens_per_s": self.tokens_per_s,
@@ -120,8 +130,10 @@ def chat_payload(model: str | None, prompt: str, max_tokens: int, *, stream: boo
     return body
 
 
-async def stream_one(client: httpx.AsyncClient, payload: dict[str, Any]) -> RequestResult:
-    """One streamed chat completion, audited (see the module docstring)."""
+async def stream_one(client: httpx.AsyncClient, payload: dict[str, Any], *,
+                     cancel_after: int | None = None) -> RequestResult:
+    """One streamed chat completion, audited (see the module docstring). `cancel_after`:
+    hang up after that many events, like a client that goes away."""
     t0 = time.perf_counter()
     res = RequestResult(status=0)
     try:
@@ -130,9 +142,14 @@ async def stream_one(client: httpx.AsyncClient, payload: dict[str, Any]) -> Requ
             if resp.status_code != 200:
                 res.error = (await resp.aread()).decode(errors="replace")[:300]
                 return res
+            events = 0
             async for line in resp.aiter_lines():
                 if not line.startswith("data: "):
                     continue
+                events += 1
+                if cancel_after is not None and events > cancel_after:
+                    res.cancelled = True
+                    break
                 data = line[6:]
                 if data == "[DONE]":
                     res.saw_done = True
@@ -194,9 +211,11 @@ async def reference_texts(url: str, api_key: str | None, model: str | None,
 async def run_load(url: str, *, api_key: str | None, model: str | None,
                    prompts: Sequence[str], num_requests: int, concurrency: int,
                    max_tokens: int, ignore_eos: bool = False,
-                   references: Sequence[str] | None = None) -> LoadReport:
+                   references: Sequence[str] | None = None,
+                   cancel_every: int | None = None) -> LoadReport:
     """`num_requests` greedy streamed requests (prompt i % len(prompts)), at most
-    `concurrency` in flight; stops by itself."""
+    `concurrency` in flight; stops by itself. With `cancel_every` k, every k-th request
+    hangs up after two events."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(num_requests):
         queue.put_nowait(i)
@@ -210,7 +229,8 @@ async def run_load(url: str, *, api_key: str | None, model: str | None,
                     return
                 payload = chat_payload(model, prompts[i % len(prompts)], max_tokens,
                                        stream=True, ignore_eos=ignore_eos)
-                results[i] = await stream_one(client, payload)
+                cancel = 2 if cancel_every and i % cancel_every == cancel_every - 1 else None
+                results[i] = await stream_one(client, payload, cancel_after=cancel)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -219,7 +239,8 @@ async def run_load(url: str, *, api_key: str | None, model: str | None,
     if references is not None:
         report.text_mismatches = sum(
             1 for i, r in enumerate(report.results)
-            if r.status == 200 and r.text != references[i % len(prompts)])
+            if r.status == 200 and r.error is None and not r.cancelled
+            and r.text != references[i % len(prompts)])
     return report
 
 

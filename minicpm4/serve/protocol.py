@@ -102,7 +102,7 @@ class _SamplingFields(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1 - MAX_N)] | None = None
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -46,6 +46,7 @@ CASES = {
     "top_logprobs too many": ("/v1/chat/completions",
                               _chat(logprobs=True, top_logprobs=50), None, 400),
     "too many stop strings": ("/v1/chat/completions", _chat(stop=["x"] * 100), None, 400),
+    "seed out of range": ("/v1/chat/completions", _chat(seed=2**64), None, 400),
     "unknown model": ("/v1/chat/completions", _chat(model="gpt-17"), None, 404),
     "prompt over the context": ("/v1/chat/completions",
                                 _chat(messages=[{"role": "user",
@@ -89,6 +90,28 @@ def test_bad_request_then_good_request(server, model_name, name: str) -> None:
                        content=_chat(model=model_name, temperature=0.0))
         assert ok.status_code == 200, ok.text
         assert ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_chunked_body_over_the_limit(server) -> None:
+    """No Content-Length (chunked upload): the limit is enforced while reading."""
+    srv, _ = server
+
+    def chunks():
+        for _ in range(MAX_REQUEST_BYTES // 4096 + 4):
+            yield b" " * 4096
+        yield _chat()
+
+    r = httpx.post(srv.url + "/v1/chat/completions", content=chunks(), headers=AUTH,
+                   timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_template_kwargs_cannot_break_the_call(server, model_name) -> None:
+    srv, _ = server
+    body = _chat(chat_template_kwargs={"tokenize": False, "add_generation_prompt": False,
+                                       "enable_thinking": False})
+    r = httpx.post(srv.url + "/v1/chat/completions", content=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_wrong_method_and_open_health(server) -> None:

@@ -149,7 +149,7 @@ def test_sixteen_concurrent_streams(server, model_name) -> None:
 
 def test_cancelled_stream_frees_the_engine(server, client, model_name) -> None:
     _, engine = server
-    before = _wait_idle(engine)["generation_tokens_total"]
+    before = _wait_idle(engine)
     budget = MAX_MODEL_LEN - 64
     stream = client.chat.completions.create(model=model_name, messages=MESSAGES, stream=True,
                                             temperature=0.0, max_tokens=budget,
@@ -161,11 +161,26 @@ def test_cancelled_stream_frees_the_engine(server, client, model_name) -> None:
             break
     stream.close()  # the client goes away mid-generation
     stats = _wait_idle(engine)
-    assert stats["num_running"] == 0
-    assert stats["generation_tokens_total"] - before < budget // 2  # aborted, not finished
+    assert stats["num_running"] == 0 and stats["kv_blocks_used"] <= before["kv_blocks_used"]
+    assert stats["requests_aborted_total"] == before["requests_aborted_total"] + 1
+    assert stats["generation_tokens_total"] - before["generation_tokens_total"] < budget
     # the server is still serving
     r = client.chat.completions.create(model=model_name, messages=MESSAGES, **GREEDY)
     assert r.choices[0].message.content is not None
+
+
+def test_disconnect_during_non_streaming_request_aborts(server, model_name) -> None:
+    srv, engine = server
+    before = _wait_idle(engine)
+    budget = MAX_MODEL_LEN - 64
+    body = {"model": model_name, "messages": MESSAGES, "max_tokens": budget,
+            "temperature": 0.0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.4,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    stats = _wait_idle(engine)
+    assert stats["requests_aborted_total"] == before["requests_aborted_total"] + 1
+    assert stats["generation_tokens_total"] - before["generation_tokens_total"] < budget
 
 
 def test_tool_call_request(server, client, model_name) -> None:
