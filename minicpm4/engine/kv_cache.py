@@ -182,13 +182,15 @@ class PagedBatch:
         # Past keys: row b's token i sits at column S - past[b] + i (left padding).
         tok_BS = torch.arange(self._S).view(1, -1) - (self._S - past_B).view(-1, 1)
         self._past_valid_BS = tok_BS >= 0
-        self._past_slots_BS = self._slots(table_BW, tok_BS, bs)
+        past_slots_BS = self._slots(table_BW, tok_BS, bs)
         # New tokens: row b's real new tokens are the last num_new[b] of T.
         new_tok_BT = past_B.view(-1, 1) + torch.arange(T).view(1, -1) - (T - new_B).view(-1, 1)
         new_tok_BT = torch.where(torch.arange(T).view(1, -1) >= (T - new_B).view(-1, 1),
                                  new_tok_BT, -1)
-        self._new_slots = self._slots(table_BW, new_tok_BT, bs).view(-1).to(dev)
-        self._past_slots_BS = self._past_slots_BS.to(dev)
+        new_slots_BT = self._slots(table_BW, new_tok_BT, bs)
+        self._new_slots = new_slots_BT.view(-1).to(dev)
+        # every key this forward attends over, past then new: one gather, no concatenation
+        self._all_slots = torch.cat([past_slots_BS, new_slots_BT], dim=1).view(-1).to(dev)
         self._padded = not bool(self._past_valid_BS.all())
         self._past_valid_BS = self._past_valid_BS.to(dev)
         self._num_valid_B = past_B.to(dev)
@@ -228,9 +230,8 @@ class PagedBatch:
             if self._S == 0:
                 out.append(new_BKTH)
                 continue
-            past_BKSH = flat_NKH.index_select(0, self._past_slots_BS.view(-1)) \
-                .view(B, self._S, K, H).transpose(1, 2)
-            out.append(torch.cat([past_BKSH, new_BKTH], dim=2))
+            out.append(flat_NKH.index_select(0, self._all_slots)
+                       .view(B, self._S + T, K, H).transpose(1, 2))
         return out[0], out[1]
 
     def advance(self, valid_BT: torch.Tensor | None, num_tokens: int) -> None:
