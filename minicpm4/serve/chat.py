@@ -18,7 +18,8 @@ from typing import Any, AsyncIterator
 from minicpm4.serve.generation import (SSE_DONE, Choice, TokenText, budget, chat_logprobs,
                                        merged, sse, start_choices, usage)
 from minicpm4.serve.protocol import ChatCompletionRequest
-from minicpm4.serve.tools import ToolStreamFilter, parse_tool_calls, render_messages
+from minicpm4.serve.tools import (ToolStreamFilter, closing_deltas, final_message,
+                                  render_messages)
 
 
 _RESERVED_TEMPLATE_ARGS = {"messages", "tools", "documents", "tokenize",
@@ -88,14 +89,7 @@ class ChatCompletion:
                     reasons[i] = out.finish_reason
         result = []
         for i in range(n):
-            message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
-            reason = reasons[i]
-            if self.tool_names:
-                reply = parse_tool_calls(texts[i], self.tool_names)
-                if reply.calls:
-                    message = {"role": "assistant", "content": reply.content,
-                               "tool_calls": [c.to_openai() for c in reply.calls]}
-                    reason = "tool_calls"
+            message, reason = final_message(texts[i], reasons[i], self.tool_names)
             result.append({"index": i, "message": message, "finish_reason": reason,
                            "logprobs": {"content": chat_logprobs(lps[i], self.text_of)}
                            if self.want_logprobs else None})
@@ -126,15 +120,10 @@ class ChatCompletion:
                     continue
                 reason = out.finish_reason
                 if filt is not None:
-                    rest, calls = filt.finish()
-                    if rest:
-                        yield sse(self._chunk([{"index": i, "delta": {"content": rest},
-                                                "logprobs": None, "finish_reason": None}]))
-                    if calls:
-                        reason = "tool_calls"
-                        deltas = [{"index": k, **c.to_openai()} for k, c in enumerate(calls)]
-                        yield sse(self._chunk([{"index": i, "delta": {"tool_calls": deltas},
-                                                "logprobs": None, "finish_reason": None}]))
+                    deltas, reason = closing_deltas(filt, reason)
+                    for delta in deltas:
+                        yield sse(self._chunk([{"index": i, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}]))
                 yield sse(self._chunk([{"index": i, "delta": {}, "logprobs": None,
                                         "finish_reason": reason}]))
         if self.req.include_usage:

@@ -35,6 +35,7 @@ class ServerThread:
 
     def __init__(self, app: Any, *, log_level: str = "warning",
                  graceful_timeout_s: float | None = 10.0) -> None:
+        self.app = app
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))

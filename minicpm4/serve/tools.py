@@ -308,3 +308,29 @@ class ToolStreamFilter:
         if not content.startswith(self._text[:self._sent]):  # cannot happen; stay consistent
             return "", reply.calls
         return content[self._sent:], reply.calls
+
+
+# ----------------------------------------------------------------------------- answers
+def final_message(text: str, reason: str | None, tool_names: Sequence[str]
+                  ) -> tuple[dict[str, Any], str | None]:
+    """The non-streamed assistant message for a finished reply and its finish_reason:
+    `tool_calls` (and reason "tool_calls") when the reply holds calls to offered tools."""
+    if tool_names:
+        reply = parse_tool_calls(text, tool_names)
+        if reply.calls:
+            return ({"role": "assistant", "content": reply.content,
+                     "tool_calls": [c.to_openai() for c in reply.calls]}, "tool_calls")
+    return {"role": "assistant", "content": text}, reason
+
+
+def closing_deltas(filt: ToolStreamFilter, reason: str | None
+                   ) -> tuple[list[dict[str, Any]], str | None]:
+    """The last stream deltas of a reply (held-back content, then one `tool_calls` delta)
+    and its finish_reason, consistent with `final_message`."""
+    rest, calls = filt.finish()
+    deltas: list[dict[str, Any]] = [{"content": rest}] if rest else []
+    if calls:
+        deltas.append({"tool_calls": [{"index": k, **c.to_openai()}
+                                      for k, c in enumerate(calls)]})
+        reason = "tool_calls"
+    return deltas, reason

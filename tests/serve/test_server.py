@@ -81,6 +81,32 @@ def test_n_and_seed(client, model_name) -> None:
     assert a.usage.prompt_tokens == b.usage.prompt_tokens  # counted once, not per choice
 
 
+def test_n_streaming_matches_non_streaming(client, model_name) -> None:
+    kw = dict(model=model_name, messages=MESSAGES, max_tokens=10, temperature=0.9, seed=3, n=3)
+    whole = client.chat.completions.create(**kw)
+    texts, reasons = ["", "", ""], [None, None, None]
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+
+
+def test_draining_server_answers_503(server) -> None:
+    srv, _ = server
+    state = srv.app.state.serve
+    state.draining = True
+    try:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(srv.url + "/health").status_code == 503
+    finally:
+        state.draining = False
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
 def test_completions_text_tokens_echo(client, model_name) -> None:
     r = client.completions.create(model=model_name, prompt="Once upon a time", **GREEDY)
     assert r.object == "text_completion" and r.usage.completion_tokens >= 1

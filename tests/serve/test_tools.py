@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from minicpm4.serve.tools import (CALL_END, CALL_START, ToolStreamFilter, format_calls,
-                                  function_signature, parse_python_calls, parse_tool_calls,
-                                  render_messages)
+from minicpm4.serve.tools import (CALL_END, CALL_START, ToolStreamFilter, closing_deltas,
+                                  final_message, format_calls, function_signature,
+                                  parse_python_calls, parse_tool_calls, render_messages)
 from minicpm4.tokenizer import Tokenizer
 from tests.conftest import TOKENIZER_DIR, require
 
@@ -112,3 +112,28 @@ def test_rendered_prompt_through_the_real_template() -> None:
     assert '<|im_start|>tool\n{"temp": 21}<|im_end|>\n<|im_start|>assistant\n' in prompt
     assert render_messages(messages[1:2], [], False) == [{"role": "user",
                                                           "content": "Weather in Paris?"}]
+
+
+def test_answers_in_the_openai_sdk_types() -> None:
+    """The tool-call answers, streamed and not, parse as the `openai` SDK's own types and
+    agree with each other."""
+    openai_types = pytest.importorskip("openai.types.chat")
+    from openai.types.chat.chat_completion_chunk import ChoiceDelta
+
+    message, reason = final_message(REPLY, "stop", ["get_weather"])
+    msg = openai_types.ChatCompletionMessage.model_validate(message)
+    assert reason == "tool_calls" and len(msg.tool_calls) == 2
+    assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Paris",
+                                                                "unit": "celsius"}
+    filt = ToolStreamFilter(["get_weather"])
+    deltas = [{"content": filt.push(REPLY[i:i + 5])} for i in range(0, len(REPLY), 5)]
+    closing, streamed_reason = closing_deltas(filt, "stop")
+    parsed = [ChoiceDelta.model_validate(d) for d in deltas + closing]
+    assert streamed_reason == "tool_calls"
+    assert "".join(d.content or "" for d in parsed) == msg.content
+    (calls,) = [d.tool_calls for d in parsed if d.tool_calls]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == \
+        [(k, c.function.name, c.function.arguments) for k, c in enumerate(msg.tool_calls)]
+    plain, plain_reason = final_message("no call here", "length", ["get_weather"])
+    assert plain == {"role": "assistant", "content": "no call here"} and plain_reason == "length"
+    assert final_message(REPLY, "stop", [])[0]["content"] == REPLY  # tools not offered
