@@ -1,7 +1,9 @@
 """Prometheus text exposition of `/metrics` (issue 5: "`/metrics` (Prometheus text)").
 
 Engine numbers come from `engine.stats()`: scalars ending in `_total` become counters, other
-scalars gauges, lists of per-request values (seconds) histograms with fixed buckets. The server
+scalars gauges (`kv_blocks_total`, a pool size, is exported as the gauge `kv_blocks_capacity`,
+plus `kv_cache_usage_ratio`), lists of per-request values (seconds) histograms with fixed
+buckets. The server
 adds its own HTTP request counter (by route and status). Format: text exposition 0.0.4.
 """
 
@@ -18,7 +20,10 @@ _HELP = {
     "num_running": "Requests in the running batch.",
     "num_waiting": "Requests waiting to be scheduled.",
     "kv_blocks_used": "KV-cache blocks in use.",
-    "kv_blocks_total": "KV-cache blocks in the pool.",
+    "kv_blocks_capacity": "KV-cache blocks in the pool.",
+    "kv_cache_usage_ratio": "Fraction of the KV-cache blocks in use.",
+    "requests_aborted_total": "Requests aborted (client gone, shutdown).",
+    "steps_total": "Engine steps run.",
     "prompt_tokens_total": "Prompt tokens processed.",
     "generation_tokens_total": "Tokens generated.",
     "requests_finished_total": "Requests finished (any reason).",
@@ -67,6 +72,11 @@ def render(stats: Mapping[str, Any], http_requests: Counter, *,
            labels: Mapping[str, str] | None = None) -> str:
     """The whole exposition: engine stats (labelled with the model name) + HTTP counter."""
     labels = dict(labels or {})
+    stats = dict(stats)
+    if "kv_blocks_total" in stats:
+        stats["kv_blocks_capacity"] = capacity = stats.pop("kv_blocks_total")
+        if capacity and "kv_blocks_used" in stats:
+            stats["kv_cache_usage_ratio"] = stats["kv_blocks_used"] / capacity
     out: list[str] = []
     for key in sorted(stats):
         value = stats[key]
