@@ -66,10 +66,30 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                                        f"(default {data_tokenize.DEFAULT_MAX_SHARD_TOKENS:,})")
     tok.add_argument("--text-key", default="text", metavar="K",
                      help="JSONL field holding the text (default: text)")
+    lc = dsub.add_parser(
+        "long-context", help="tokenized books -> exact-length chunks with planted pass keys",
+        description="Cut the documents of a `data tokenize` folder into documents of exactly "
+                    "--seq-len tokens (one per training row, as InfLLM v2 sparse training "
+                    "needs); a --passkey-fraction of them carry a planted 5-digit pass key and "
+                    "the question at the end (minicpm4/data/long_context.py).")
+    lc.add_argument("source", metavar="TOKENIZED_DIR")
+    lc.add_argument("--out", required=True, metavar="DIR")
+    lc.add_argument("--seq-len", type=int, required=True)
+    lc.add_argument("--passkey-fraction", type=float, default=0.5)
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--tokenizer", metavar="DIR", default=None)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.data_command == "long-context":
+        from minicpm4.data.long_context import build_long_context_folder
+        out = build_long_context_folder(
+            args.source, args.out, seq_len=args.seq_len, passkey_fraction=args.passkey_fraction,
+            seed=args.seed, tokenizer=args.tokenizer,
+            progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"train: {out}")
+        return 0
     folders = data_tokenize.tokenize_corpus(
         args.inputs, args.out, holdout=args.holdout, tokenizer=args.tokenizer,
         max_shard_tokens=args.max_shard_tokens, text_key=args.text_key,

@@ -62,6 +62,8 @@ class Attention(nn.Module):
         self.sparse_lse = "approx"
         """InfLLM v2 LSE mode of the selection: "approx" (coarse keys, CPM.cu's default) or
         "exact"."""
+        self.sparse_backend = "auto"
+        """InfLLM v2 stage-2 backend (`kernels.infllm_v2.stage2.BACKENDS`)."""
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -125,4 +127,5 @@ class Attention(nn.Module):
             k_sel = k_sel_new if T == S else None
         return infllm_v2_attention(q_BNTH, k_BKSH, v_BKSH, self.sparse, key_start=inp.key_start,
                                    state=state, lse=self.sparse_lse, q_sel_BNTH=q_sel,
-                                   k_sel_new_BKTH=k_sel_new, k_sel_BKSH=k_sel)
+                                   k_sel_new_BKTH=k_sel_new, k_sel_BKSH=k_sel,
+                                   backend=self.sparse_backend)

@@ -25,6 +25,7 @@ CASES = [(4, 2, 16, 8, 37, 0, 4), (8, 1, 16, 16, 50, 45, 3), (4, 2, 16, 8, 1, 70
 GATHER_VARIANTS = {
     "gather": dict(backend="gather"),
     "auto": dict(backend="auto"),
+    "masked": dict(backend="masked"),
     "gather-block-chunk1": dict(rows="block", chunk=1),
     "gather-token": dict(rows="token"),
     "gather-token-chunk7": dict(rows="token", chunk=7),
@@ -169,7 +170,7 @@ def test_padding_duplicates_and_future_blocks_are_ignored(backend) -> None:
     torch.testing.assert_close(out, sdpa_oracle(q, k, v, idx, bs, off), **TOL)
 
 
-@pytest.mark.parametrize("backend", ["reference", "gather"])
+@pytest.mark.parametrize("backend", ["reference", "gather", "masked"])
 def test_rows_without_visible_keys_give_zero_and_finite_grads(backend) -> None:
     q, k, v, idx, bs, off = inputs(CASES[0])
     idx = idx.clone()
@@ -183,7 +184,7 @@ def test_rows_without_visible_keys_give_zero_and_finite_grads(backend) -> None:
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("backend", ["reference", "gather"])
+@pytest.mark.parametrize("backend", ["reference", "gather", "masked"])
 def test_batch_equals_per_sequence(backend) -> None:
     case = CASES[1]
     seqs = [inputs(case, seed=s) for s in range(3)]
@@ -201,10 +202,24 @@ def test_batch_equals_per_sequence(backend) -> None:
         torch.testing.assert_close(a, r, **TOL)
 
 
+def test_auto_trains_through_the_masked_kernel(monkeypatch) -> None:
+    """auto = one masked SDPA for a CPU backward within MASKED_MAX_SCORES, gather otherwise."""
+    import minicpm4.kernels.infllm_v2.stage2_masked as masked
+    calls = []
+    real = masked.masked_one
+    monkeypatch.setattr(masked, "masked_one", lambda *a: calls.append(1) or real(*a))
+    q, k, v, idx, bs, off = inputs(CASES[0])
+    sparse_attention(q.requires_grad_(), k, v, idx, block_size=bs, q_offset=off)
+    assert calls == [1]
+    with torch.no_grad():
+        sparse_attention(q, k, v, idx, block_size=bs, q_offset=off)
+    assert calls == [1]
+
+
 def test_bfloat16_inputs_keep_their_dtype() -> None:
     q, k, v, idx, bs, off = inputs(CASES[0], dtype=torch.bfloat16)
     ref = sdpa_oracle(q.float(), k.float(), v.float(), idx, bs, off)
-    for backend in ("reference", "gather"):
+    for backend in ("reference", "gather", "masked"):
         out, grads = forward_and_grads(lambda q, k, v: sparse_attention(
             q, k, v, idx, block_size=bs, q_offset=off, backend=backend), q, k, v)
         assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)

@@ -105,3 +105,31 @@ def test_training_through_sparse_attention_has_finite_gradients() -> None:
     assert sp.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="packed documents"):
         sp(ids, labels_BT=ids, doc_ids_BT=torch.arange(100).expand(2, 100) // 50)
+
+
+def test_training_under_bf16_autocast_selects_in_fp32() -> None:
+    """Selection runs in fp32 under autocast (its top-k reads fp32 bit patterns; a bf16 score
+    tensor once broke the shapes), and gradients reach the projections."""
+    _, sp = _pair(**SMALL, dense_len=-1)
+    sp.train()
+    ids = _ids(1, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = sp(ids, labels_BT=ids.roll(-1, 1))
+    sums.ntp.backward()
+    assert torch.isfinite(sums.ntp) and sp.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@torch.no_grad()
+def test_stage2_backend_switch_keeps_the_outputs() -> None:
+    """`Attention.sparse_backend` ("masked": one SDPA with the selection as a mask) gives the
+    gather backend's logits."""
+    _, sp = _pair(**SMALL, dense_len=-1)
+    ids = _ids(1, 100)
+    gather = sp(ids)
+    for layer in sp.model.layers:
+        layer.self_attn.sparse_backend = "masked"
+    torch.testing.assert_close(sp(ids), gather, rtol=1e-4, atol=1e-4)
+    for layer in sp.model.layers:
+        layer.self_attn.sparse_backend = "nope"
+    with pytest.raises(ValueError, match="backend"):
+        sp(ids)

@@ -105,12 +105,16 @@ def infllm_v2_attention(q_BNTH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torc
         if not uses_sparse(params, kv_len):
             out_NTH = _dense_row(q_NTH, k_KSH, v_KSH, kv_len - real)
         else:
-            if real == 1 and state is not None:
-                idx_KTk = select_blocks_decode(q_sel[b, :, T - 1], state.buffers[b],
-                                               cache_len=kv_len - 1, params=params, lse=lse)
-            else:
-                idx_KTk = select_blocks_chunked(q_sel[b, :, T - real:], k_sel[b, :, start:],
-                                                q_offset=kv_len - real, params=params, lse=lse)
+            # Selection is not differentiable and runs in fp32 even under bf16 autocast
+            # (its top-k orders the fp32 bit patterns of the scores).
+            with torch.no_grad(), torch.autocast(q_BNTH.device.type, enabled=False):
+                if real == 1 and state is not None:
+                    idx_KTk = select_blocks_decode(q_sel[b, :, T - 1], state.buffers[b],
+                                                   cache_len=kv_len - 1, params=params, lse=lse)
+                else:
+                    idx_KTk = select_blocks_chunked(q_sel[b, :, T - real:],
+                                                    k_sel[b, :, start:], q_offset=kv_len - real,
+                                                    params=params, lse=lse)
             out_NTH = sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk,
                                        block_size=params.block_size, q_offset=kv_len - real,
                                        backend=backend)
