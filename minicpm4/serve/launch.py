@@ -16,17 +16,19 @@ import uvicorn
 
 
 def _config(app: Any, host: str, port: int, *, log_level: str,
-            graceful_timeout_s: float | None) -> uvicorn.Config:
+            graceful_timeout_s: float | None, access_log: bool = False) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          access_log=False, timeout_graceful_shutdown=graceful_timeout_s,
+                          access_log=access_log, timeout_graceful_shutdown=graceful_timeout_s,
                           timeout_keep_alive=30)
 
 
 def serve_forever(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                  log_level: str = "info", graceful_timeout_s: float | None = 30.0) -> None:
+                  log_level: str = "info", graceful_timeout_s: float | None = 30.0,
+                  access_log: bool = True) -> None:
     """Blocking; returns after SIGINT / SIGTERM and a graceful shutdown."""
     uvicorn.Server(_config(app, host, port, log_level=log_level,
-                           graceful_timeout_s=graceful_timeout_s)).run()
+                           graceful_timeout_s=graceful_timeout_s,
+                           access_log=access_log)).run()
 
 
 class ServerThread:
