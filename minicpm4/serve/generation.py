@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from minicpm4.engine.async_engine import EngineDeadError
+from minicpm4.detokenize import byte_of_piece
 from minicpm4.engine.outputs import RequestOutput, TokenLogprob
 from minicpm4.serve.errors import APIError
 
@@ -149,28 +150,36 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class TokenText:
-    """Text of single token ids for logprobs (`decode([id])`, special tokens kept), cached."""
+    """Text and bytes of single token ids for logprobs, cached. From the vocabulary piece, not
+    `decode([id])` (which drops a piece's leading space): '▁' is a space, a byte-fallback piece
+    `<0xNN>` is that byte (its text U+FFFD until the bytes form a character, as OpenAI does)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
-        self._cache: dict[int, str] = {}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def raw(self, token_id: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            piece = self._tok.convert_ids_to_tokens(token_id)
+            byte = byte_of_piece(piece)
+            data = bytes([byte]) if byte is not None else \
+                piece.replace("\u2581", " ").encode("utf-8")
+            hit = (data.decode("utf-8", errors="replace"), data)
+            if len(self._cache) < 100_000:
+                self._cache[token_id] = hit
+        return hit
 
     def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._tok.decode([token_id], skip_special_tokens=False)
-            if len(self._cache) < 100_000:
-                self._cache[token_id] = text
-        return text
+        return self.raw(token_id)[0]
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], text_of: Callable[[int], str]
+def chat_logprobs(entries: Sequence[TokenLogprob], text_of: TokenText
                   ) -> list[dict[str, Any]]:
     """Chat format: `[{"token", "logprob", "bytes", "top_logprobs": [...]}]`."""
     def one(token_id: int, logprob: float) -> dict[str, Any]:
-        s = text_of(token_id)
-        return {"token": s, "logprob": max(float(logprob), -9999.0),
-                "bytes": list(s.encode("utf-8"))}
+        text, data = text_of.raw(token_id)
+        return {"token": text, "logprob": max(float(logprob), -9999.0), "bytes": list(data)}
     return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
             for e in entries]
 
