@@ -4,6 +4,7 @@ a JSON body `{"error": {"message", "type", "param", "code"}}`, never a traceback
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,14 +41,26 @@ def error_bytes(status: int, message: str, **kw: Any) -> bytes:
     return json.dumps(error_body(status, message, **kw)).encode()
 
 
+_TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|literal|function|union|tagged-union|"
+                        r"json-or-python|nullable|constrained-\w+)(\[.*\])?(-.*)?$")
+
+
+def _field_path(loc: tuple) -> str:
+    """`messages.0.content` from a pydantic location, without union-member tags."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or not _TYPE_TAGS.match(str(p)))
+
+
 def from_validation(exc: ValidationError) -> APIError:
     """400 naming the first offending field, e.g. `messages.0.role: Input should be ...`."""
     errors = exc.errors(include_url=False)
     first = errors[0] if errors else {"loc": (), "msg": str(exc), "type": "invalid"}
-    loc = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-",
-                                                                                  "union[")))
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    loc = _field_path(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON: {first['msg']}", code="invalid_json")
-    return APIError(400, f"{loc or 'body'}: {first['msg']}{more}", param=loc or None,
-                    code="invalid_value")
+    same_field = [e for e in errors if _field_path(tuple(e.get("loc", ()))) == loc]
+    if len(same_field) > 1:  # a union: none of the accepted forms matched
+        message = f"{loc or 'body'}: invalid value ({first['msg']}, or one of " \
+                  f"{len(same_field) - 1} other accepted forms)"
+    else:
+        message = f"{loc or 'body'}: {first['msg']}"
+    return APIError(400, message, param=loc or None, code="invalid_value")
