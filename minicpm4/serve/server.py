@@ -140,6 +140,8 @@ async def _read_json(request: Request, state: ServerState, schema: type[M]) -> M
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise APIError(400, "JSON nested too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -247,6 +249,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
             return make(engine, req, model, default_max_tokens=state.default_max_tokens)
         except ValueError as exc:  # SamplingParams ranges, tokenizer, chat template
             raise APIError(400, str(exc), code="invalid_value") from exc
+        except RecursionError as exc:  # absurdly nested tool schemas
+            raise APIError(400, "request nested too deeply", code="invalid_value") from exc
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

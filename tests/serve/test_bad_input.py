@@ -21,9 +21,22 @@ def _chat(**fields) -> bytes:
     return json.dumps(body).encode()
 
 
+def _nested_array(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 CASES = {
     # name: (path, body bytes or JSON-able, headers override, expected status)
     "malformed json": ("/v1/chat/completions", b'{"model": "x", "messages": [', None, 400),
+    "json nested too deeply": ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, None,
+                               400),
+    "stop a nested list": ("/v1/chat/completions", _chat(stop=[[["x"]]]), None, 400),
+    "deeply nested tool schema": ("/v1/chat/completions", _chat(tools=[{
+        "type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": _nested_array(900)}}}}]), None, 400),
     "json array body": ("/v1/chat/completions", b"[1, 2, 3]", None, 400),
     "empty body": ("/v1/chat/completions", b"", None, 400),
     "messages not a list": ("/v1/chat/completions", _chat(messages="hi"), None, 400),
