@@ -114,10 +114,14 @@ async def merged(choices: Sequence[Choice]) -> AsyncIterator[tuple[int, RequestO
         await _close([c.stream for c in choices])
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
 async def until_disconnected(request: Any, work: Awaitable[Any], poll_s: float = 0.25) -> Any:
     """Await `work`; if the client goes away first, cancel it (which aborts its engine
-    requests) and raise CancelledError. For non-streaming responses, which Starlette does not
-    cancel by itself."""
+    requests) and raise ClientDisconnected. For the part of a request before a streaming
+    response starts, and for non-streaming responses, which Starlette does not cancel."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -126,9 +130,7 @@ async def until_disconnected(request: Any, work: Awaitable[Any], poll_s: float =
                 return task.result()
             if await request.is_disconnected():
                 log.info("client disconnected; cancelling its generation")
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise asyncio.CancelledError
+                raise ClientDisconnected
     finally:
         if not task.done():
             task.cancel()

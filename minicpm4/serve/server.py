@@ -16,7 +16,6 @@ The lifespan starts the engine and, on shutdown, stops new requests (503) and ca
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -36,7 +35,7 @@ from minicpm4.serve import metrics
 from minicpm4.serve.chat import ChatCompletion
 from minicpm4.serve.completions import Completion
 from minicpm4.serve.errors import APIError, error_body, error_bytes, from_validation
-from minicpm4.serve.generation import SSE_DONE, sse, until_disconnected
+from minicpm4.serve.generation import SSE_DONE, ClientDisconnected, sse, until_disconnected
 from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("minicpm4.serve")
@@ -44,10 +43,6 @@ M = TypeVar("M", bound=BaseModel)
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 OPEN_PATHS = ("/health", "/metrics")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
 
 
 @dataclass
@@ -177,18 +172,12 @@ async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 async def _answer(request: Request, state: ServerState, job: ChatCompletion | Completion,
                   stream: bool) -> Response:
-    try:
-        choices = await until_disconnected(request, job.start())
-    except asyncio.CancelledError:
-        raise ClientGone from None
+    choices = await until_disconnected(request, job.start())
     if stream:
         return StreamingResponse(_guarded(job.stream(choices)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
-    try:
-        body = await until_disconnected(request, job.complete(choices))
-    except asyncio.CancelledError:
-        raise ClientGone from None
+    body = await until_disconnected(request, job.complete(choices))
     if any(c.get("finish_reason") == "abort" for c in body["choices"]):
         raise APIError(503, "the request was aborted (server shutting down)")
     return JSONResponse(body)
@@ -225,9 +214,9 @@ def build_app(engine: Any, *, api_key: str | None = None,
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; counted in /metrics
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
