@@ -72,6 +72,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-memory", default="512M",
                    help="memory for the KV-cache pool, e.g. 512M or 4G (default 512M)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    e.add_argument("--max-queued-requests", type=int, default=4096,
+                   help="queued requests beyond which new ones get 503 (default 4096)")
+    e.add_argument("--max-prefill-chunk", type=int, default=512,
+                   help="longest prefill piece of one request per step (chunked prefill)")
     e.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse KV blocks of shared prompt prefixes")
     s = p.add_argument_group("HTTP")
@@ -133,7 +137,8 @@ def build_engine(args: argparse.Namespace):
         block_size=args.block_size, num_kv_blocks=args.kv_blocks,
         kv_cache_bytes=parse_bytes(args.kv_memory), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len)
+        enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
+        max_queued_requests=args.max_queued_requests, max_prefill_chunk=args.max_prefill_chunk)
     name = args.served_model_name or (args.random and f"random-{args.random}") or \
         Path(args.model or loading.BUNDLED_MODEL).resolve().name
     if name == "demo" and not args.model:

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 
+from minicpm4.engine.errors import EngineBusyError, EngineDeadError
 from minicpm4.engine.llm import LLM
 from minicpm4.engine.outputs import RequestOutput
 from minicpm4.engine.request import SamplingParams
@@ -20,8 +21,7 @@ from minicpm4.engine.request import SamplingParams
 log = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; requests in flight end with this error."""
+__all__ = ["AsyncEngine", "EngineBusyError", "EngineDeadError"]
 
 
 class AsyncEngine:

@@ -23,6 +23,9 @@ class EngineConfig:
     """Longest prefill piece of one request in one step (chunked prefill)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of an earlier request's identical prompt prefix."""
+    max_queued_requests: int = 4096
+    """Requests waiting for a slot beyond which `add_request` refuses new ones
+    (`EngineBusyError`, HTTP 503) instead of queueing without bound."""
     max_model_len: int | None = None
     """Prompt + generated tokens per request; None: the model's max_position_embeddings."""
 
@@ -35,6 +38,7 @@ class EngineConfig:
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.max_prefill_chunk >= 1, "max_prefill_chunk must be >= 1"),
+            (self.max_queued_requests >= 1, "max_queued_requests must be >= 1"),
             (self.max_model_len is None or self.max_model_len >= 2,
              "max_model_len must be >= 2"),
         ]

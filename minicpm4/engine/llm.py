@@ -18,6 +18,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from minicpm4.engine.config import EngineConfig
+from minicpm4.engine.errors import EngineBusyError
 from minicpm4.engine.generate import GenerationOutput
 from minicpm4.engine.kv_cache import BlockPool, block_bytes
 from minicpm4.engine.outputs import RequestOutput, TokenLogprob
@@ -92,12 +93,20 @@ class LLM:
             if request_id in self._seqs or any(s.request_id == request_id
                                                for s in self._incoming):
                 raise ValueError(f"request id {request_id!r} is already in use")
+            queued = len(self.scheduler.waiting) + len(self._incoming)
+            if queued >= self.config.max_queued_requests:
+                raise EngineBusyError(f"{queued} requests are already queued (limit "
+                                      f"{self.config.max_queued_requests}); retry later")
             self._incoming.append(seq)
         return request_id
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.add(request_id)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests, cheaply (for admission control and health checks)."""
+        return len(self.scheduler.running), len(self.scheduler.waiting) + len(self._incoming)
 
     def has_unfinished(self) -> bool:
         with self._lock:

@@ -202,3 +202,18 @@ def test_async_engine_streams_and_cancels(tiny_model) -> None:
     assert got == expected
     assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0
     assert stats["requests_aborted_total"] == 1
+
+
+def test_a_full_queue_refuses_new_requests(tiny_model) -> None:
+    from minicpm4.engine.errors import EngineBusyError
+
+    llm = LLM(tiny_model, None, EngineConfig(max_queued_requests=2))
+    greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    llm.add_request([5, 6], greedy)
+    llm.add_request([5, 7], greedy)
+    with pytest.raises(EngineBusyError, match="retry later"):
+        llm.add_request([5, 8], greedy)
+    assert llm.load() == (0, 2)
+    while llm.has_unfinished():
+        llm.step()
+    llm.add_request([5, 8], greedy)  # room again once the queue drained
