@@ -1,0 +1,220 @@
+"""Serving throughput at concurrency 1, 8 and 32 against transformers' static batching (issue 5 #5).
+
+For each model (a random MiniCPM4-0.5B-shaped model and the bundled demo model, both in the
+dtype given, default bfloat16) and each concurrency C, the same workload is run twice in this
+process:
+- ours: a real uvicorn server on 127.0.0.1 (`serve.build_app` over `AsyncEngine`), C clients
+  streaming `/v1/completions` (token-id prompts, greedy) until every request is answered;
+- transformers: `LlamaForCausalLM.generate` on the same weights (μP scalars folded in,
+  `model/llama_export.py`), the requests in arrival order in static batches of C (left padding,
+  each batch generating until its longest request's max_tokens).
+The workload is a seeded mix of prompt lengths and max_tokens (what a server sees: requests
+differ); both sides are credited only with the tokens each request asked for. Throughput =
+those tokens / wall time. Every stream is checked: its token count equals the request's
+max_tokens (ignore_eos) and the usage count.
+
+Prints a table and last  RESULT serve_throughput_c8_vs_c1=<ours C=8 / ours C=1, demo model>.
+Targets: C=8 >= 4x C=1; >= 2x transformers at equal batch.
+Workloads per model (CPU-sized; override with the flags): demo: prompts of 16-160 tokens,
+max_tokens 8-96, max(8, 3 C) requests; 0.5b: prompts of 16-64, max_tokens 8-32, max(4, C)
+requests.
+Usage: python benchmarks/serve.py [--models demo,0.5b] [--concurrency 1,8,32] [--dtype bfloat16]
+       [--requests-per-slot N] [--min-requests N] [--prompt-len LO,HI] [--max-tokens LO,HI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from minicpm4.engine.async_engine import AsyncEngine  # noqa: E402
+from minicpm4.engine.config import EngineConfig  # noqa: E402
+from minicpm4.engine.llm import LLM  # noqa: E402
+from minicpm4.loading import BUNDLED_MODEL, BUNDLED_TOKENIZER, PRESETS  # noqa: E402
+from minicpm4.model.checkpoint import load_pretrained  # noqa: E402
+from minicpm4.model.llama_export import llama_config_dict, llama_state_dict  # noqa: E402
+from minicpm4.model.transformer import MiniCPM4ForCausalLM  # noqa: E402
+from minicpm4.serve.launch import ServerThread  # noqa: E402
+from minicpm4.serve.server import build_app  # noqa: E402
+from minicpm4.tokenizer import Tokenizer  # noqa: E402
+
+
+WORKLOADS = {
+    "demo": dict(prompt_len=(16, 160), max_tokens=(8, 96), requests_per_slot=3, min_requests=8),
+    "0.5b": dict(prompt_len=(16, 64), max_tokens=(8, 32), requests_per_slot=1, min_requests=4),
+}
+
+
+def load_model(name: str, dtype: torch.dtype) -> MiniCPM4ForCausalLM:
+    if name == "demo":
+        return load_pretrained(BUNDLED_MODEL, dtype=dtype).eval()
+    if name == "0.5b":
+        torch.manual_seed(0)
+        model = MiniCPM4ForCausalLM(PRESETS["minicpm4-0.5b"]())
+        model.init_weights(seed=0)
+        return model.to(dtype).eval()
+    raise ValueError(f"unknown model {name!r} (demo, 0.5b)")
+
+
+def workload(n: int, vocab: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int],
+             seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_len))],
+             rng.randint(*max_tokens)) for _ in range(n)]
+
+
+async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int
+               ) -> int:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    usage, done = None, False
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+    if not done or usage != max_tokens:
+        raise RuntimeError(f"stream incomplete: done={done}, usage={usage}, wanted {max_tokens}")
+    return usage
+
+
+async def _drive(url: str, work: list[tuple[list[int], int]], concurrency: int) -> float:
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def run(item):
+            async with sem:
+                return await _one(client, url, *item)
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(run(w) for w in work))
+        dt = time.perf_counter() - t0
+    assert sum(counts) == sum(m for _, m in work)
+    return sum(counts) / dt
+
+
+def _client_process(url: str, work, concurrency: int, results) -> None:
+    torch.set_num_threads(1)
+    results.put(asyncio.run(_drive(url, work, concurrency)))
+
+
+def ours(model: MiniCPM4ForCausalLM, tok: Tokenizer, work, concurrency: int) -> float:
+    """The clients run in their own process (as real clients would), so that they do not
+    compete with the server for this process's interpreter lock."""
+    llm = LLM(model, tok, EngineConfig(max_num_seqs=concurrency))
+    llm.generate([work[0][0]], [None])  # warm-up outside the timing (allocations, kernels)
+    engine = AsyncEngine(llm, model_name="bench")
+    srv = ServerThread(build_app(engine)).start()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_client_process, args=(srv.url, work, concurrency, results))
+    try:
+        proc.start()
+        tps = results.get(timeout=3600)
+        proc.join(60)
+        return tps
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        srv.stop()
+
+
+def transformers_static(hf, work, batch: int, pad_id: int) -> float:
+    useful = sum(m for _, m in work)
+    t0 = time.perf_counter()
+    for i in range(0, len(work), batch):
+        chunk = work[i:i + batch]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, _) in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        longest = max(m for _, m in chunk)
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=longest,
+                        min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
+    return useful / (time.perf_counter() - t0)
+
+
+def hf_twin(model: MiniCPM4ForCausalLM):
+    import transformers
+    cfg = transformers.LlamaConfig(**llama_config_dict(model.config))
+    hf = transformers.LlamaForCausalLM(cfg).to(model.dtype).eval()
+    hf.load_state_dict(llama_state_dict(model, model.config), strict=False)
+    with torch.inference_mode():  # warm-up
+        hf.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False,
+                    pad_token_id=0)
+    return hf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="demo,0.5b")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--requests-per-slot", type=int, default=None)
+    ap.add_argument("--min-requests", type=int, default=None)
+    ap.add_argument("--prompt-len", default=None, help="LO,HI (default: per model)")
+    ap.add_argument("--max-tokens", default=None, help="LO,HI (default: per model)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    concs = [int(c) for c in args.concurrency.split(",")]
+    tok = Tokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+    print(f"{'model':>6} {'C':>3} {'reqs':>5} {'tokens':>7} {'ours tok/s':>11} "
+          f"{'HF tok/s':>9} {'ours/HF':>8} {'ours/C=1':>9}")
+    headline = None
+    for name in args.models.split(","):
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(WORKLOADS)}")
+        w = dict(WORKLOADS[name])
+        for key in ("prompt_len", "max_tokens"):
+            if getattr(args, key) is not None:
+                w[key] = tuple(int(x) for x in getattr(args, key).split(","))
+        for key in ("requests_per_slot", "min_requests"):
+            if getattr(args, key) is not None:
+                w[key] = getattr(args, key)
+        print(f"# {name}: prompt len {w['prompt_len']}, max_tokens {w['max_tokens']}, "
+              f"max({w['min_requests']}, {w['requests_per_slot']} C) requests", flush=True)
+        model = load_model(name, dtype)
+        hf = hf_twin(model)
+        base = None
+        for c in concs:
+            work = workload(max(w["min_requests"], w["requests_per_slot"] * c),
+                            model.config.vocab_size, w["prompt_len"], w["max_tokens"],
+                            args.seed + c)
+            ours_tps = ours(model, tok, work, c)
+            hf_tps = transformers_static(hf, work, c, pad_id=0)
+            base = base or ours_tps
+            print(f"{name:>6} {c:>3} {len(work):>5} {sum(m for _, m in work):>7} "
+                  f"{ours_tps:>11.1f} {hf_tps:>9.1f} {ours_tps / hf_tps:>8.2f} "
+                  f"{ours_tps / base:>9.2f}", flush=True)
+            if name == "demo" and c == 8:
+                headline = ours_tps / base
+        del model, hf
+    if headline is not None:
+        print(f"RESULT serve_throughput_c8_vs_c1={headline:.3f}")
+
+
+if __name__ == "__main__":
+    main()
