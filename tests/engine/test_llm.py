@@ -79,17 +79,27 @@ def test_prefix_cache_reuses_pages_and_changes_nothing(tiny_model, one_thread) -
 @torch.no_grad()
 def test_sparse_model_decodes_like_generate(chunk, one_thread) -> None:
     """InfLLM v2 (dense_len 64, blocks of 16): the pages + per-sequence compressed keys give
-    the same greedy tokens as `generate` over the contiguous cache, with preemption."""
+    the same greedy tokens as `generate` over the contiguous cache, also when the compressed
+    keys must be rebuilt from pages (after a preemption, or a prefix-cache hit on a prefix
+    longer than dense_len)."""
     sparse = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
                           window_size=32, topk=2, dense_len=64)
     model = MiniCPM4ForCausalLM(tiny_config(sparse_config=sparse, rope_scaling=None))
     model.init_weights(seed=0)
     model.eval()
     prompts, params = _mixed_requests(6, seed=3, max_prompt=120, max_new=60)
-    llm = LLM(model, None, EngineConfig(block_size=16, num_kv_blocks=30,
+    rng = random.Random(9)
+    shared = [rng.randrange(3, 512) for _ in range(100)]
+    later = [shared + [7, 8, 9], shared + [11]]
+    later_params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)] * 2
+    llm = LLM(model, None, EngineConfig(block_size=16, num_kv_blocks=14,
                                         max_prefill_chunk=chunk, max_num_batched_tokens=512))
-    outs = llm.generate(prompts, params)
-    assert [o.token_ids for o in outs] == _reference(model, prompts, params)
+    outs = llm.generate(prompts + later[:1], params + later_params[:1])
+    outs += llm.generate(later[1:], later_params[1:])
+    stats = llm.stats()
+    assert stats["preemptions_total"] > 0 and stats["prefix_cache_hit_tokens_total"] >= 96
+    assert [o.token_ids for o in outs] == _reference(model, prompts + later,
+                                                     params + later_params)
     assert llm.pool.sparse_states == {}  # dropped with their sequences
 
 
