@@ -15,8 +15,8 @@ max_tokens (ignore_eos) and the usage count.
 
 Prints a table and last  RESULT serve_throughput_c8_vs_c1=<ours C=8 / ours C=1, demo model>.
 Targets: C=8 >= 4x C=1; >= 2x transformers at equal batch.
-Workloads per model (CPU-sized; override with the flags): demo: prompts of 16-160 tokens,
-max_tokens 8-96, max(8, 3 C) requests; 0.5b: prompts of 16-64, max_tokens 8-32, max(4, C)
+Workloads per model (CPU-sized; override with the flags): demo: prompts of 16-128 tokens,
+max_tokens 16-128, max(8, 3 C) requests; 0.5b: prompts of 8-48, max_tokens 16-48, max(4, 2 C)
 requests.
 Usage: python benchmarks/serve.py [--models demo,0.5b] [--concurrency 1,8,32] [--dtype bfloat16]
        [--requests-per-slot N] [--min-requests N] [--prompt-len LO,HI] [--max-tokens LO,HI]
@@ -51,8 +51,8 @@ from minicpm4.tokenizer import Tokenizer  # noqa: E402
 
 
 WORKLOADS = {
-    "demo": dict(prompt_len=(16, 160), max_tokens=(8, 96), requests_per_slot=3, min_requests=8),
-    "0.5b": dict(prompt_len=(16, 64), max_tokens=(8, 32), requests_per_slot=1, min_requests=4),
+    "demo": dict(prompt_len=(16, 128), max_tokens=(16, 128), requests_per_slot=3, min_requests=8),
+    "0.5b": dict(prompt_len=(8, 48), max_tokens=(16, 48), requests_per_slot=2, min_requests=4),
 }
 
 
