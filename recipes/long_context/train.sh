@@ -30,12 +30,22 @@ $NICE $BIN train --init-from minicpm4/assets/demo --context 32k "${SPARSE[@]}" \
     --eval-interval 0 --eval-batches 4 --checkpoint-interval 20 --keep 2 --log-interval 1 \
     --dtype bfloat16 --seed 0 "${RESUME[@]}"
 $NICE $BIN export "$WORK/run" "$WORK/model" --dtype bfloat16
-for M in minicpm4/assets/demo "$WORK/model"; do    # held-out loss at 2048 tokens, sparse
-    $NICE $BIN eval --model "$M" --data "$WORK/data/eval" --seq-len 2048 --batch-size 2 \
-        --batches 8 --context 32k "${SPARSE[@]}"
+for M in minicpm4/assets/demo "$WORK/model"; do    # held-out loss at 2048 tokens
+    for MODE in "${SPARSE[*]}" --dense; do
+        # shellcheck disable=SC2086
+        $NICE $BIN eval --model "$M" --data "$WORK/data/eval" --seq-len 2048 --batch-size 2 \
+            --batches 4 --context 32k $MODE
+    done
 done | tee "$WORK/eval.txt"
+$BIN report "$WORK/run" --plot recipes/long_context/loss_curve.png \
+    --title "demo model, long-sparse stage: 120 steps x 2 x 2048 tokens, InfLLM v2 on" \
+    > "$WORK/summary.txt"
 $NICE .venv/bin/python benchmarks/long_context_retrieval.py \
     --model before=minicpm4/assets/demo --model "after=$WORK/model" --context 32k \
     --lengths 4096,8192,16384 --depths 0.1,0.5,0.9 --modes sparse,dense \
     --sparse-topk 12 --sparse-window 256 --sparse-dense-len 1024 \
     --json "$WORK/retrieval.json" | tee "$WORK/retrieval.txt"
+$NICE .venv/bin/python benchmarks/long_context_retrieval.py \
+    --model before=minicpm4/assets/demo --model "after=$WORK/model" --context 32k \
+    --lengths 1024,2048 --depths 0.1,0.5,0.9 --trials 2 --modes sparse,dense \
+    --json "$WORK/retrieval_short.json" | tee "$WORK/retrieval_short.txt"
