@@ -204,10 +204,10 @@ def test_batch_equals_per_sequence(backend) -> None:
 
 def test_auto_trains_through_the_masked_kernel(monkeypatch) -> None:
     """auto = one masked SDPA for a CPU backward within MASKED_MAX_SCORES, gather otherwise."""
-    import minicpm4.kernels.infllm_v2.stage2_masked as masked
+    import minicpm4.kernels.infllm_v2.stage2 as stage2
     calls = []
-    real = masked.masked_one
-    monkeypatch.setattr(masked, "masked_one", lambda *a: calls.append(1) or real(*a))
+    real = stage2.masked_one
+    monkeypatch.setattr(stage2, "masked_one", lambda *a: calls.append(1) or real(*a))
     q, k, v, idx, bs, off = inputs(CASES[0])
     sparse_attention(q.requires_grad_(), k, v, idx, block_size=bs, q_offset=off)
     assert calls == [1]

@@ -38,6 +38,7 @@ import math
 import torch
 
 from minicpm4.kernels.infllm_v2.stage2_flex import compiled_flex, flex_block_mask
+from minicpm4.kernels.infllm_v2.stage2_masked import masked_one, masked_training
 
 BACKENDS = ("auto", "reference", "gather", "flex", "masked")
 # fp32 elements of scores (or gathered K/V) per chunk when `chunk` is None: 128 MiB, i.e. 5
@@ -388,17 +389,6 @@ def sparse_attention_flex(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int,
     return out if batch else out[0]
 
 
-MASKED_MAX_SCORES = 1 << 26
-"""auto uses "masked" for a CPU backward with T*S up to this (8K x 8K): same attention, one
-fused kernel. Demo model at 2048 tokens, bf16: gather fwd 2.6 s + bwd 7.5 s of a 16.3 s step."""
-
-
-def _masked_training(q, k, v) -> bool:
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return needs_grad and q.device.type == "cpu" and \
-        q.shape[-2] * k.shape[-2] <= MASKED_MAX_SCORES
-
-
 def sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int, q_offset: int = 0,
                      backend: str = "auto") -> torch.Tensor:
     """InfLLM v2 stage-2 attention, dispatched to a backend (module doc); output like q.
@@ -421,9 +411,8 @@ def sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int, q_offset:
     if backend not in BACKENDS:
         raise ValueError(f"unknown stage-2 backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
-        backend = "masked" if _masked_training(q_NTH, k_KSH, v_KSH) else "gather"
+        backend = "masked" if masked_training(q_NTH, k_KSH, v_KSH) else "gather"
     if backend == "masked":  # one fused SDPA with the selection as a dense mask (training)
-        from minicpm4.kernels.infllm_v2.stage2_masked import masked_one
         return _batched(lambda q, k, v, idx, bs, off: masked_one(
             q, k, v, block_mask_from_indices(idx, num_keys=k.shape[1], block_size=bs,
                                              q_offset=off)),
