@@ -49,3 +49,6 @@ $NICE .venv/bin/python benchmarks/long_context_retrieval.py \
     --model before=minicpm4/assets/demo --model "after=$WORK/model" --context 32k \
     --lengths 1024,2048 --depths 0.1,0.5,0.9 --trials 2 --modes sparse,dense \
     --json "$WORK/retrieval_short.json" | tee "$WORK/retrieval_short.txt"
+$NICE .venv/bin/python benchmarks/long_context_retrieval.py \
+    --model before=minicpm4/assets/demo --model "after=$WORK/model" --context 32k \
+    --lengths 256,512 --depths 0.1,0.5,0.9 --trials 2 --modes dense | tee "$WORK/retrieval_tiny.txt"
