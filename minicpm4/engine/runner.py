@@ -5,7 +5,7 @@ rows that already hold tokens receive the same number of new tokens; only rows s
 nothing may be left-padded):
 - decode rows (one new token after stored ones) in one batched forward;
 - first chunks of new sequences in one left-padded forward;
-- each continuing prefill chunk on its own.
+- continuing prefill chunks, one forward per chunk length (equal lengths share a forward).
 Shape legend: B rows, T tokens, V vocabulary.
 """
 
@@ -31,15 +31,14 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
         """Compute the scheduled tokens (writing their K/V into the pages); returns the fp32
         logits [V] after the last token of every sequence whose tokens are now all computed."""
-        decode, fresh, chunks = [], [], []
+        fresh: list[tuple[Sequence, int]] = []
+        by_len: dict[int, list[tuple[Sequence, int]]] = {}  # n == 1: the decode rows
         for seq, n in scheduled:
             if seq.num_computed == 0:
                 fresh.append((seq, n))
-            elif n == 1:
-                decode.append((seq, n))
             else:
-                chunks.append([(seq, n)])
-        groups = ([decode] if decode else []) + ([fresh] if fresh else []) + chunks
+                by_len.setdefault(n, []).append((seq, n))
+        groups = list(by_len.values()) + ([fresh] if fresh else [])
         logits: dict[str, torch.Tensor] = {}
         for group in groups:
             logits.update(self._forward(group))
