@@ -1,6 +1,7 @@
 """`AsyncEngine`: the `LLM` step loop on a background thread, streamed to asyncio (issue 5).
 
-The server (`serve/`) only talks to this class. `generate` is an async iterator of
+The server (`serve/`) only talks to this class. A step that raises ends the requests then in
+flight with `EngineDeadError` (HTTP 503), frees every page and the engine serves on. `generate` is an async iterator of
 `RequestOutput` deltas; leaving it early (the consumer's `aclose()`, or its task being
 cancelled when a client disconnects) aborts the request, which frees its KV pages at the next
 step. The engine thread sleeps while there is no work and wakes on every new request or abort.
@@ -35,6 +36,10 @@ class AsyncEngine:
         self._stop = False
         self._accepting = False
         self.error: BaseException | None = None
+        """Set when the engine cannot go on (its reset after a failed step failed too)."""
+        self.step_errors = 0
+        """Failed steps so far; each one ends the requests then in flight with an error, and
+        the engine serves on from an empty pool."""
 
     # ---------------------------------------------------------------- facts
     @property
@@ -125,11 +130,17 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.llm.step()
-            except BaseException as exc:  # noqa: BLE001 - reported to every waiting request
-                log.exception("engine step failed")
-                self.error = exc
+            except Exception as exc:  # noqa: BLE001 - reported to every request in flight
+                log.exception("engine step failed; aborting the requests in flight")
+                self.step_errors += 1
                 self._fail_all(exc)
-                return
+                try:  # the pages of a failed step are not trusted: start from a clean pool
+                    self.llm.abort_all()
+                except Exception as reset_exc:  # noqa: BLE001
+                    log.exception("engine reset failed; the engine is dead")
+                    self.error = reset_exc
+                    return
+                continue
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:

@@ -104,6 +104,19 @@ class LLM:
         with self._lock:
             self._aborts.add(request_id)
 
+    def abort_all(self) -> None:
+        """End every request now (after a failed step): all pages and decode state freed."""
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            self._aborts.clear()
+        for seq in list(self._seqs.values()) + incoming:
+            if not seq.finished:
+                seq.finish("abort")
+                self.counters["requests_aborted_total"] += 1
+            self.scheduler.remove(seq)
+        self._seqs.clear()
+        self.pool.sparse_states.clear()
+
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests, cheaply (for admission control and health checks)."""
         return len(self.scheduler.running), len(self.scheduler.waiting) + len(self._incoming)

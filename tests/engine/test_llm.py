@@ -227,3 +227,40 @@ def test_a_full_queue_refuses_new_requests(tiny_model) -> None:
     while llm.has_unfinished():
         llm.step()
     llm.add_request([5, 8], greedy)  # room again once the queue drained
+
+
+def test_a_failed_step_ends_requests_in_flight_and_the_engine_serves_on(tiny_model) -> None:
+    import asyncio
+
+    from minicpm4.engine.async_engine import AsyncEngine, EngineDeadError
+
+    llm = LLM(tiny_model, None, EngineConfig(block_size=8, num_kv_blocks=64))
+    real_run, calls = llm.runner.run, []
+
+    def flaky_run(scheduled):
+        calls.append(len(scheduled))
+        if len(calls) == 3:
+            raise RuntimeError("injected kernel failure")
+        return real_run(scheduled)
+
+    llm.runner.run = flaky_run
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(llm)
+        await engine.start()
+        try:
+            with pytest.raises(EngineDeadError, match="injected"):
+                async for _ in engine.generate([5, 6, 7], greedy, "doomed"):
+                    pass
+            ids = []
+            async for out in engine.generate([5, 6, 7], greedy, "after"):
+                ids += out.new_token_ids
+            return ids, engine.step_errors, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    ids, errors, stats = asyncio.run(main())
+    assert errors == 1 and len(ids) == 20
+    assert ids == generate(tiny_model, [[5, 6, 7]], greedy)[0].token_ids
+    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
