@@ -133,19 +133,22 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - reported to every request in flight
                 log.exception("engine step failed; aborting the requests in flight")
                 self.step_errors += 1
-                self._fail_all(exc)
                 try:  # the pages of a failed step are not trusted: start from a clean pool
-                    self.llm.abort_all()
+                    ended = self.llm.abort_all()
                 except Exception as reset_exc:  # noqa: BLE001
                     log.exception("engine reset failed; the engine is dead")
                     self.error = reset_exc
+                    self._fail(exc, list(self._queues))
                     return
+                self._fail(exc, ended)
                 continue
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
                     self._loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for queue in list(self._queues.values()):
-            self._loop.call_soon_threadsafe(queue.put_nowait, exc)
+    def _fail(self, exc: BaseException, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            queue = self._queues.get(rid)
+            if queue is not None:
+                self._loop.call_soon_threadsafe(queue.put_nowait, exc)

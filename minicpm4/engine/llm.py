@@ -104,18 +104,18 @@ class LLM:
         with self._lock:
             self._aborts.add(request_id)
 
-    def abort_all(self) -> None:
-        """End every request now (after a failed step): all pages and decode state freed."""
-        with self._lock:
-            incoming, self._incoming = self._incoming, []
-            self._aborts.clear()
-        for seq in list(self._seqs.values()) + incoming:
+    def abort_all(self) -> list[str]:
+        """End every admitted request now (after a failed step): their pages and decode
+        state are freed. Requests added since the step began are kept. Returns the ids."""
+        ended = list(self._seqs)
+        for seq in self._seqs.values():
             if not seq.finished:
                 seq.finish("abort")
                 self.counters["requests_aborted_total"] += 1
             self.scheduler.remove(seq)
         self._seqs.clear()
         self.pool.sparse_states.clear()
+        return ended
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests, cheaply (for admission control and health checks)."""

@@ -260,7 +260,7 @@ def test_a_failed_step_ends_requests_in_flight_and_the_engine_serves_on(tiny_mod
         finally:
             await engine.shutdown()
 
-    ids, errors, stats = asyncio.run(main())
+    ids, errors, stats = asyncio.run(asyncio.wait_for(main(), 120))
     assert errors == 1 and len(ids) == 20
     assert ids == generate(tiny_model, [[5, 6, 7]], greedy)[0].token_ids
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
