@@ -10,12 +10,10 @@ chunk with `finish_reason`; with `stream_options.include_usage` every chunk carr
 
 from __future__ import annotations
 
-import time
-import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from minicpm4.serve.generation import (SSE_DONE, Choice, TokenText, budget, chat_logprobs,
+from minicpm4.serve.generation import (SSE_DONE, Choice, Job, budget, chat_logprobs,
                                        merged, sse, start_choices, usage)
 from minicpm4.serve.protocol import ChatCompletionRequest
 from minicpm4.serve.tools import (ToolStreamFilter, closing_deltas, final_message,
@@ -47,14 +45,12 @@ def chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int], 
     return list(ids), [t["function"]["name"] for t in tools]
 
 
-class ChatCompletion:
+class ChatCompletion(Job):
     """One chat request on its way through the engine."""
 
     def __init__(self, engine: Any, req: ChatCompletionRequest, model_name: str, *,
                  default_max_tokens: int | None = None) -> None:
-        self.engine, self.req, self.model = engine, req, model_name
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        super().__init__(engine, req, model_name, "chatcmpl")
         self.prompt_ids, self.tool_names = chat_prompt(engine.tokenizer, req)
         max_tokens = budget(len(self.prompt_ids), req.requested_max_tokens(),
                             engine.max_model_len, default_max_tokens)
@@ -62,7 +58,6 @@ class ChatCompletion:
         self.want_logprobs = logprobs is not None
         self.params = [req.sampling_params(max_tokens=max_tokens, logprobs=logprobs,
                                            seed_offset=i) for i in range(req.n)]
-        self.text_of = TokenText(engine.tokenizer)
 
     async def start(self) -> list[Choice]:
         return await start_choices(self.engine, [(self.prompt_ids, p) for p in self.params],

@@ -4,25 +4,21 @@ legacy-format `logprobs`, JSON or an SSE stream of `text_completion` objects + `
 
 from __future__ import annotations
 
-import time
-import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from minicpm4.serve.errors import APIError
-from minicpm4.serve.generation import (SSE_DONE, Choice, TokenText, budget,
+from minicpm4.serve.generation import (SSE_DONE, Choice, Job, budget,
                                        completion_logprobs, merged, sse, start_choices, usage)
 from minicpm4.serve.protocol import CompletionRequest
 
 
-class Completion:
+class Completion(Job):
     """One completions request on its way through the engine."""
 
     def __init__(self, engine: Any, req: CompletionRequest, model_name: str, *,
                  default_max_tokens: int | None = None) -> None:
-        self.engine, self.req, self.model = engine, req, model_name
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        super().__init__(engine, req, model_name, "cmpl")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.echo and req.logprobs is not None:
@@ -47,7 +43,6 @@ class Completion:
                                 default_max_tokens)
             self.jobs += [(ids, req.sampling_params(max_tokens=max_tokens, logprobs=logprobs,
                                                     seed_offset=j)) for j in range(req.n)]
-        self.text_of = TokenText(tok)
 
     @property
     def prompt_tokens(self) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
@@ -24,6 +26,17 @@ from minicpm4.serve.errors import APIError
 
 log = logging.getLogger("minicpm4.serve")
 _END = object()
+
+
+class Job:
+    """What a chat and a completions request share: the engine, the parsed request, the model
+    name, the response id and creation time, and the token-text lookup."""
+
+    def __init__(self, engine: Any, req: Any, model_name: str, id_prefix: str) -> None:
+        self.engine, self.req, self.model = engine, req, model_name
+        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.text_of = TokenText(engine.tokenizer)
 
 
 @dataclass
