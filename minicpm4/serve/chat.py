@@ -73,15 +73,7 @@ class ChatCompletion(Job):
     # ------------------------------------------------------------------ non-streaming
     async def complete(self, choices: list[Choice]) -> dict[str, Any]:
         n = len(choices)
-        texts, reasons = [""] * n, [None] * n
-        counts, lps = [0] * n, [[] for _ in range(n)]
-        async with aclosing(merged(choices)) as stream:
-            async for i, out in stream:
-                texts[i] += out.new_text
-                counts[i] = out.num_generated_tokens
-                lps[i].extend(out.logprobs or [])
-                if out.finished:
-                    reasons[i] = out.finish_reason
+        texts, reasons, counts, lps = await self.collect(choices, [""] * n)
         result = []
         for i in range(n):
             message, reason = final_message(texts[i], reasons[i], self.tool_names)

@@ -63,15 +63,8 @@ class Completion(Job):
 
     async def complete(self, choices: list[Choice]) -> dict[str, Any]:
         n = len(choices)
-        texts, reasons = [self._echo(i) for i in range(n)], [None] * n
-        counts, lps = [0] * n, [[] for _ in range(n)]
-        async with aclosing(merged(choices)) as stream:
-            async for i, out in stream:
-                texts[i] += out.new_text
-                counts[i] = out.num_generated_tokens
-                lps[i].extend(out.logprobs or [])
-                if out.finished:
-                    reasons[i] = out.finish_reason
+        texts, reasons, counts, lps = await self.collect(choices,
+                                                         [self._echo(i) for i in range(n)])
         result = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
                    "logprobs": completion_logprobs(lps[i], self.text_of, 0)
                    if self.want_logprobs else None} for i in range(n)]

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
@@ -37,6 +38,23 @@ class Job:
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.text_of = TokenText(engine.tokenizer)
+
+    @staticmethod
+    async def collect(choices: Sequence["Choice"], texts: list[str]
+                      ) -> tuple[list[str], list[str | None], list[int], list[list[TokenLogprob]]]:
+        """Run the choices to their ends (non-streaming answers): texts (appended to the given
+        starts), finish reasons, generated-token counts and logprob entries, per choice."""
+        n = len(choices)
+        reasons: list[str | None] = [None] * n
+        counts, lps = [0] * n, [[] for _ in range(n)]
+        async with aclosing(merged(choices)) as stream:
+            async for i, out in stream:
+                texts[i] += out.new_text
+                counts[i] = out.num_generated_tokens
+                lps[i].extend(out.logprobs or [])
+                if out.finished:
+                    reasons[i] = out.finish_reason
+        return texts, reasons, counts, lps
 
 
 @dataclass
