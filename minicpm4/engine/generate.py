@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minicpm4.engine.compiled_decode import decoder_for
-from minicpm4.engine.request import SamplingParams
+from minicpm4.engine.request import SamplingParams, check_prompt
 from minicpm4.engine.sampler import sample, token_counts
 from minicpm4.engine.stopping import StopChecker
 from minicpm4.model.cache import StaticKVCache
@@ -42,15 +42,10 @@ class GenerationOutput:
 
 def _check_prompts(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]],
                    params: list[SamplingParams]) -> None:
-    limit = model.config.max_position_embeddings
     if not prompts:
         raise ValueError("no prompts given")
     for i, (prompt, p) in enumerate(zip(prompts, params)):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        if len(prompt) + p.max_tokens > limit:
-            raise ValueError(f"prompt {i}: {len(prompt)} prompt tokens + max_tokens "
-                             f"{p.max_tokens} exceed the model context of {limit}")
+        check_prompt(len(prompt), p, model.config.max_position_embeddings, what=f"prompt {i}")
 
 
 def _capacity(needed: int, compiled: bool) -> int:
@@ -91,8 +86,7 @@ def generate_stream(model: MiniCPM4ForCausalLM, prompts: Sequence[Sequence[int]]
     capacity = _capacity(width + max(p.max_tokens for p in plist), decoder is not None)
     cache = StaticKVCache.for_model(model.config, batch_size=batch, max_len=capacity,
                                     dtype=model.dtype, device=device)
-    penalized = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                    for p in plist)
+    penalized = any(p.penalized for p in plist)
     prompt_counts = token_counts([list(p) for p in prompts], vocab, device) if penalized else None
     output_counts = torch.zeros(batch, vocab, device=device) if penalized else None
     active = list(range(batch))  # request index of each running row

@@ -22,7 +22,7 @@ from minicpm4.engine.errors import EngineBusyError
 from minicpm4.engine.generate import GenerationOutput
 from minicpm4.engine.kv_cache import BlockPool, block_bytes
 from minicpm4.engine.outputs import RequestOutput, TokenLogprob
-from minicpm4.engine.request import SamplingParams
+from minicpm4.engine.request import SamplingParams, check_prompt
 from minicpm4.engine.runner import ModelRunner
 from minicpm4.engine.sampler import apply_penalties, sample, token_counts
 from minicpm4.engine.scheduler import Scheduler
@@ -73,13 +73,9 @@ class LLM:
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         vocab = self.model.config.vocab_size
-        if not prompt:
-            raise ValueError("the prompt is empty")
+        check_prompt(len(prompt), params, self.max_model_len)
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
-                             f"exceed the model context of {self.max_model_len} tokens")
         need = self.pool.blocks_for(len(prompt) + params.max_tokens)
         if need > self.pool.num_usable:
             raise ValueError(f"the request needs {need} KV blocks; the pool has "
@@ -154,28 +150,23 @@ class LLM:
             return
         logits_BV = torch.stack([logits[s.request_id] for s in seqs]).float()
         params = [s.params for s in seqs]
-        penalized = any(p.repetition_penalty != 1.0 or p.presence_penalty or
-                        p.frequency_penalty for p in params)
-        vocab, dev = logits_BV.shape[1], logits_BV.device
-        prompt_counts = token_counts([s.prompt_ids for s in seqs], vocab, dev) \
-            if penalized else None
-        output_counts = token_counts([s.output_ids for s in seqs], vocab, dev) \
-            if penalized else None
-        tokens = sample(logits_BV, params, [s.generator for s in seqs],
-                        prompt_counts_BV=prompt_counts, output_counts_BV=output_counts).tolist()
-        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if any(p.penalized for p in params):  # once, for the sample and its logprobs
+            vocab, dev = logits_BV.shape[1], logits_BV.device
+            logits_BV = apply_penalties(
+                logits_BV, params,
+                prompt_counts_BV=token_counts([s.prompt_ids for s in seqs], vocab, dev),
+                output_counts_BV=token_counts([s.output_ids for s in seqs], vocab, dev))
+        tokens = sample(logits_BV, params, [s.generator for s in seqs]).tolist()
+        logprob_rows = {i: j for j, i in enumerate(
+            i for i, p in enumerate(params) if p.logprobs is not None)}
         lp_RV = None
         if logprob_rows:
-            rows = torch.tensor(logprob_rows, device=dev)
-            sub = apply_penalties(
-                logits_BV.index_select(0, rows), [params[i] for i in logprob_rows],
-                prompt_counts_BV=None if prompt_counts is None else prompt_counts[rows],
-                output_counts_BV=None if output_counts is None else output_counts[rows])
-            lp_RV = torch.log_softmax(sub, dim=-1)
+            rows = torch.tensor(list(logprob_rows), device=logits_BV.device)
+            lp_RV = torch.log_softmax(logits_BV.index_select(0, rows), dim=-1)
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             entry = None
             if lp_RV is not None and i in logprob_rows:
-                lp_V = lp_RV[logprob_rows.index(i)]
+                lp_V = lp_RV[logprob_rows[i]]
                 top = lp_V.topk(seq.params.logprobs) if seq.params.logprobs else None
                 entry = TokenLogprob(tok, float(lp_V[tok]), [] if top is None else
                                      list(zip(top.indices.tolist(), top.values.tolist())))

@@ -68,3 +68,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any repetition / presence / frequency penalty applies (needs token counts)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or
+                    self.frequency_penalty)
+
+
+def check_prompt(num_prompt_tokens: int, params: SamplingParams, max_len: int, *,
+                 what: str = "the prompt") -> None:
+    """ValueError unless a prompt is non-empty and prompt + max_tokens fits in `max_len`."""
+    if num_prompt_tokens == 0:
+        raise ValueError(f"{what} is empty")
+    if num_prompt_tokens + params.max_tokens > max_len:
+        raise ValueError(f"{what}: {num_prompt_tokens} prompt tokens + max_tokens "
+                         f"{params.max_tokens} exceed the model context of {max_len} tokens")

@@ -52,7 +52,7 @@ class ModelRunner:
         mask_BT = torch.zeros(B, T, dtype=torch.bool) if padded else None
         for b, (seq, n) in enumerate(group):
             start = seq.num_computed
-            ids_BT[b, T - n:] = torch.tensor(seq.all_ids[start:start + n], dtype=torch.long)
+            ids_BT[b, T - n:] = torch.tensor(seq.tokens(start, start + n), dtype=torch.long)
             if mask_BT is not None:
                 mask_BT[b, T - n:] = True
         cache = PagedBatch(self.pool, [s.block_table for s, _ in group],

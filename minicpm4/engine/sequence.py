@@ -56,6 +56,13 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building the whole list (a decode step reads one)."""
+        cut = len(self.prompt_ids)
+        if start >= cut:
+            return self.output_ids[start - cut:end - cut]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - cut)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -264,3 +264,15 @@ def test_a_failed_step_ends_requests_in_flight_and_the_engine_serves_on(tiny_mod
     assert errors == 1 and len(ids) == 20
     assert ids == generate(tiny_model, [[5, 6, 7]], greedy)[0].token_ids
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+
+
+def test_sequence_token_slices_match_all_ids() -> None:
+    from minicpm4.engine.sequence import Sequence
+    from minicpm4.engine.stopping import StopChecker
+
+    p = SamplingParams(max_tokens=5)
+    seq = Sequence("s", [1, 2, 3, 4], p, stop=StopChecker(p, set(), None, [1, 2, 3, 4]))
+    seq.output_ids = [5, 6, 7]
+    for start in range(8):
+        for end in range(start, 9):
+            assert seq.tokens(start, end) == seq.all_ids[start:end], (start, end)

@@ -14,8 +14,7 @@ from minicpm4.kernels.infllm_v2.selection import (
     select_blocks_varlen,
     stage1_scores,
 )
-
-# --- stage 2 (sparse attention over the selected blocks): re-exports from stage2.py go here ---
+from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
 
 __all__ = [
     "LSE_MODES",
@@ -27,5 +26,6 @@ __all__ = [
     "select_blocks_chunked",
     "select_blocks_decode",
     "select_blocks_varlen",
+    "sparse_attention",
     "stage1_scores",
 ]
