@@ -6,11 +6,13 @@ Geometry: 16 query heads sharing 1 KV head, head dim 128, fp32, default `sparse_
 visible tokens, approximate LSE). Random q/k/v. Per length, in the same process:
 
 - prefill: dense causal SDPA (`F.scaled_dot_product_attention(..., is_causal=True,
-  enable_gqa=True)`) vs ours = selection (`select_blocks_chunked`) + stage 2
-  (`sparse_attention`, backend "gather"), and stage 2 through compiled `flex_attention` with the
-  same blocks (`backend="flex"`, selection excluded, lengths <= --flex-max);
+  enable_gqa=True)`) vs ours = selection (`select_cpp.select_blocks_fast`) + stage 2
+  (`sparse_attention`, backend "auto"): the fused C++ kernels when built, as in the model;
+  also the pure-PyTorch path (chunked selection + "gather", lengths <= --torch-max) and stage 2
+  through compiled `flex_attention` with the same blocks (`backend="flex"`, selection
+  excluded, lengths <= --flex-max);
 - one decode step at position L-1: dense SDPA of 1 token over L keys vs ours = append the new
-  key to the compressed-key buffer + `select_blocks_decode` + stage 2 over the chosen blocks.
+  key to the compressed-key buffer + `select_decode_fast` + stage 2 over the chosen blocks.
 
 FLOP bound: dense causal attention FLOPs / stage-2 FLOPs of the selected blocks (the issue's
 definition: ~(L/2) / 6144, 2.7x at 32K, 5.3x at 64K), and the same with the selection's
@@ -18,7 +20,7 @@ stage-1 FLOPs added to the sparse side; "reached" = measured speedup / bound. Ti
 median of --repeats runs (prefill) or of 20 decode steps.
 Prints last: RESULT sparse_prefill_speedup_32k=<dense / ours at 32K>.
 Usage: python benchmarks/sparse_attention.py [--lengths 8192,16384,32768,65536]
-       [--repeats 1] [--flex-max 32768] [--threads N]
+       [--repeats 1] [--flex-max 32768] [--torch-max 16384] [--threads N]
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, select_blocks_chunked,
-                                                  select_blocks_decode)
+from minicpm4.kernels.infllm_v2 import stage2_cpp
+from minicpm4.kernels.infllm_v2.select_cpp import select_blocks_fast, select_decode_fast
+from minicpm4.kernels.infllm_v2.selection import CompressedKeyBuffer, select_blocks_chunked
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
 
 N, K, H = 16, 1, 128
@@ -54,9 +57,17 @@ def dense_prefill(q_1NLH, k_1KLH, v_1KLH):
 
 
 def ours_prefill(q_NLH, k_KLH, v_KLH, params: SparseParams):
+    """What the model runs: the C++ kernels when built (`select_cpp`, `stage2_cpp`)."""
+    idx_KLk = select_blocks_fast(q_NLH, k_KLH, params=params, lse="approx")
+    return sparse_attention(q_NLH, k_KLH, v_KLH, idx_KLk, block_size=params.block_size,
+                            backend="auto"), idx_KLk
+
+
+def torch_prefill(q_NLH, k_KLH, v_KLH, params: SparseParams):
+    """The pure-PyTorch path (chunked selection + gather stage 2), for comparison."""
     idx_KLk = select_blocks_chunked(q_NLH, k_KLH, params=params, lse="approx")
     return sparse_attention(q_NLH, k_KLH, v_KLH, idx_KLk, block_size=params.block_size,
-                            backend="gather"), idx_KLk
+                            backend="gather")
 
 
 def visible_keys(idx_KTk: torch.Tensor, bs: int, q_offset: int = 0) -> int:
@@ -85,9 +96,9 @@ def decode_step(q_N1H, k_KLH, v_KLH, params: SparseParams):
     buf = CompressedKeyBuffer.from_keys(k_KLH[:, :L - 1], params)
     t0 = time.perf_counter()
     buf.append(k_KLH[:, L - 1:])
-    idx = select_blocks_decode(q_N1H[:, 0], buf, cache_len=L - 1, params=params, lse="approx")
+    idx = select_decode_fast(q_N1H[:, 0], buf, cache_len=L - 1, params=params, lse="approx")
     sparse_attention(q_N1H, k_KLH, v_KLH, idx, block_size=params.block_size, q_offset=L - 1,
-                     backend="gather")
+                     backend="auto")
     return time.perf_counter() - t0
 
 
@@ -99,8 +110,10 @@ def run_length(L: int, params: SparseParams, args) -> dict:
     row = {"L": L}
     t_ours, (out_ours, idx) = timed(lambda: ours_prefill(q_NLH, k_KLH, v_KLH, params),
                                     args.repeats)
-    t_sel, _ = timed(lambda: select_blocks_chunked(q_NLH, k_KLH, params=params, lse="approx"),
-                     1)
+    t_sel, _ = timed(lambda: select_blocks_fast(q_NLH, k_KLH, params=params, lse="approx"), 1)
+    if L <= args.torch_max:
+        row["torch"], out_torch = timed(lambda: torch_prefill(q_NLH, k_KLH, v_KLH, params), 1)
+        row["torch_maxdiff"] = float((out_torch - out_ours).abs().max())
     t_dense, out_dense = timed(lambda: dense_prefill(q_NLH[None], k_KLH[None], v_KLH[None]),
                                args.repeats)
     row.update(dense=t_dense, ours=t_ours, select=t_sel)
@@ -136,6 +149,9 @@ def main() -> None:
     ap.add_argument("--flex-max", type=int, default=32768,
                     help="time flex_attention only up to this length (its compile and run "
                          "cost; the default keeps a run within 10 minutes)")
+    ap.add_argument("--torch-max", type=int, default=16384,
+                    help="also time the pure-PyTorch path (chunked selection + gather) up to "
+                         "this length")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -143,19 +159,25 @@ def main() -> None:
     params = SparseParams()
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; one layer: {N} query heads "
-          f"/ {K} KV head, head dim {H}, fp32; {params}")
+          f"/ {K} KV head, head dim {H}, fp32; {params}; C++ kernels: "
+          f"{'yes' if stage2_cpp.available(torch.zeros(1), torch.zeros(1), torch.zeros(1)) else 'NO'}")
     t_start, rows = time.perf_counter(), []
     for L in [int(x) for x in args.lengths.split(",")]:
         row = run_length(L, params, args)
         rows.append(row)
         speed = row["dense"] / row["ours"]
         flex = (f"flex (same blocks, no selection) {row['flex']:.2f}s "
-                f"(x{row['dense'] / row['flex']:.2f} vs dense; max |flex - gather| "
+                f"(x{row['dense'] / row['flex']:.2f} vs dense; max |flex - ours| "
                 f"{row['flex_vs_gather_maxdiff']:.1e})") if "flex" in row else "flex skipped"
         print(f"L={L:6d} prefill: dense {row['dense']:.2f}s, ours {row['ours']:.2f}s "
               f"(selection {row['select']:.2f}s) -> x{speed:.2f}; bound x{row['bound']:.2f} "
               f"(attention only, reached {speed / row['bound']:.0%}), x{row['bound_sel']:.2f} "
               f"incl. selection (reached {speed / row['bound_sel']:.0%}); {flex}")
+        if "torch" in row:
+            print(f"L={L:6d} pure-PyTorch path (chunked selection + gather): "
+                  f"{row['torch']:.2f}s -> x{row['dense'] / row['torch']:.2f} vs dense; "
+                  f"ours is x{row['torch'] / row['ours']:.2f} faster; max |diff| "
+                  f"{row['torch_maxdiff']:.1e}")
         print(f"L={L:6d} decode step: dense {row['decode_dense'] * 1e3:.2f} ms, ours "
               f"{row['decode_ours'] * 1e3:.2f} ms -> x{row['decode_dense'] / row['decode_ours']:.2f}"
               + (f"; early rows |sparse - dense| {row['early_rows_maxdiff']:.1e}"

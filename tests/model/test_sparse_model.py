@@ -67,8 +67,8 @@ def test_token_by_token_decode_equals_recomputed_prefill(lse, monkeypatch) -> No
         layer.self_attn.sparse_lse = lse
     ids = _ids(1, 140, seed=3)
     chosen: list[torch.Tensor] = []
-    real_decode = api.select_blocks_decode
-    monkeypatch.setattr(api, "select_blocks_decode",
+    real_decode = api.select_decode_fast
+    monkeypatch.setattr(api, "select_decode_fast",
                         lambda *a, **k: chosen.append(real_decode(*a, **k)) or chosen[-1])
     cache = StaticKVCache.for_model(sp.config, batch_size=1, max_len=140, dtype=torch.float32)
     step_logits = [sp(ids[:, :40], cache=cache)[:, -1]]

@@ -4,8 +4,9 @@
 `infllm_v2_attention` is what the model's attention layer calls when its config carries
 `sparse_config`. Per batch row it decides dense or sparse from the row's key count
 (``kv_len >= dense_len``, or always with ``dense_len == -1``), selects blocks
-(`selection.select_blocks_chunked` for a prefill chunk; `selection.select_blocks_decode` with
-the row's `CompressedKeyBuffer` for a one-token step) and runs stage 2
+(`select_cpp.select_blocks_fast` for a prefill chunk; `select_cpp.select_decode_fast` with
+the row's `CompressedKeyBuffer` for a one-token step: the fused C++ kernels on CPU when they
+are built, else `selection.select_blocks_chunked` / `select_blocks_decode`) and runs stage 2
 (`stage2.sparse_attention`). Rows may start with left padding: row b's real keys are
 ``k[b, :, key_start[b]:]``; its real new queries are the last ``min(T, S - key_start[b])``
 (their outputs at padding queries are zeros).
@@ -22,8 +23,8 @@ import torch
 
 from minicpm4.kernels.attention import attention
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2.selection import (LSE_MODES, CompressedKeyBuffer,
-                                                  select_blocks_chunked, select_blocks_decode)
+from minicpm4.kernels.infllm_v2.select_cpp import select_blocks_fast, select_decode_fast
+from minicpm4.kernels.infllm_v2.selection import LSE_MODES, CompressedKeyBuffer
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
 
 @dataclass
@@ -109,12 +110,12 @@ def infllm_v2_attention(q_BNTH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torc
             # (its top-k orders the fp32 bit patterns of the scores).
             with torch.no_grad(), torch.autocast(q_BNTH.device.type, enabled=False):
                 if real == 1 and state is not None:
-                    idx_KTk = select_blocks_decode(q_sel[b, :, T - 1], state.buffers[b],
-                                                   cache_len=kv_len - 1, params=params, lse=lse)
+                    idx_KTk = select_decode_fast(q_sel[b, :, T - 1], state.buffers[b],
+                                                 cache_len=kv_len - 1, params=params, lse=lse)
                 else:
-                    idx_KTk = select_blocks_chunked(q_sel[b, :, T - real:],
-                                                    k_sel[b, :, start:], q_offset=kv_len - real,
-                                                    params=params, lse=lse)
+                    idx_KTk = select_blocks_fast(q_sel[b, :, T - real:],
+                                                 k_sel[b, :, start:], q_offset=kv_len - real,
+                                                 params=params, lse=lse)
             out_NTH = sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk,
                                        block_size=params.block_size, q_offset=kv_len - real,
                                        backend=backend)

@@ -20,6 +20,9 @@ Backends:
   rows of a block disagree; rows="auto" picks one with a cost model (`_Plan._best_rows`). The
   backward pass recomputes the probabilities from the saved log-sum-exp, FlashAttention
   style, so memory stays O(T) rather than O(T * selected keys). All math is fp32.
+- "cpp" (`stage2_cpp.py`): the fused C++ kernel of `csrc/sparse_attn.cpp`, forward only. Per
+  group of rows it scores each selected block only for the rows that picked it (no union
+  waste, no gathered copies) with a streaming online softmax. The CPU inference default.
 - "flex" (`stage2_flex.py`): compiled `flex_attention`, with a `BlockMask` built from the indices. The
   union of a query block's rows gives the partial KV blocks. Blocks that every row selects
   and that lie wholly in the past are full. A mask_mod looks up the per-token selection, a
@@ -37,10 +40,13 @@ import math
 
 import torch
 
-from minicpm4.kernels.infllm_v2.stage2_flex import compiled_flex, flex_block_mask
+from minicpm4.kernels.infllm_v2 import stage2_cpp
+from minicpm4.kernels.infllm_v2.stage2_common import (_batched, _check, _check_all,  # noqa: F401
+                                                      _selection, block_mask_from_indices)
+from minicpm4.kernels.infllm_v2.stage2_flex import sparse_attention_flex
 from minicpm4.kernels.infllm_v2.stage2_masked import masked_one, masked_training
 
-BACKENDS = ("auto", "reference", "gather", "flex", "masked")
+BACKENDS = ("auto", "reference", "gather", "flex", "masked", "cpp")
 # fp32 elements of scores (or gathered K/V) per chunk when `chunk` is None: 128 MiB, i.e. 5
 # query blocks at G=16 and 96 blocks. One core: as fast as 1 block per chunk. Two threads
 # beside another busy process: 8K took 15.0 s with 1 block per chunk, 7.2 s with 4 and
@@ -48,56 +54,6 @@ BACKENDS = ("auto", "reference", "gather", "flex", "masked")
 # are oversubscribed.
 SCORE_BUDGET = 1 << 25
 GATHER_COST = 8  # gather rows="auto": a gathered union key costs H / GATHER_COST per row group
-
-
-def _check(q_NTH, k_KSH, v_KSH, idx_KTk, block_size: int, q_offset: int) -> None:
-    """Raise ValueError unless the per-sequence shapes and indices agree (see module doc)."""
-    if q_NTH.dim() != 3 or k_KSH.dim() != 3 or v_KSH.dim() != 3 or idx_KTk.dim() != 3:
-        raise ValueError("expected q [N, T, H], k/v [K, S, H], idx [K, T, k], got "
-                         f"{tuple(q_NTH.shape)}, {tuple(k_KSH.shape)}, {tuple(v_KSH.shape)}, "
-                         f"{tuple(idx_KTk.shape)}")
-    (N, T, H), (K, S, Hk) = q_NTH.shape, k_KSH.shape
-    if v_KSH.shape != k_KSH.shape:
-        raise ValueError(f"k {tuple(k_KSH.shape)} and v {tuple(v_KSH.shape)} differ")
-    if Hk != H:
-        raise ValueError(f"head dim of q ({H}) and k ({Hk}) differ")
-    if K == 0 or N % K:
-        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
-    if idx_KTk.shape[:2] != (K, T):
-        raise ValueError(f"idx must be [K={K}, T={T}, k], got {tuple(idx_KTk.shape)}")
-    if idx_KTk.dtype.is_floating_point or idx_KTk.dtype == torch.bool:
-        raise ValueError(f"idx must be an integer tensor, got {idx_KTk.dtype}")
-    if block_size <= 0 or q_offset < 0:
-        raise ValueError(f"need block_size > 0 and q_offset >= 0, got {block_size}, {q_offset}")
-    if S != q_offset + T:
-        raise ValueError(f"keys must be the whole prefix: S={S} != q_offset={q_offset} + T={T}")
-    nb = -(-S // block_size)
-    if idx_KTk.numel() and (int(idx_KTk.min()) < -1 or int(idx_KTk.max()) >= nb):
-        raise ValueError(f"block indices must lie in [-1, {nb}) for S={S}, "
-                         f"block_size={block_size}; got [{int(idx_KTk.min())}, "
-                         f"{int(idx_KTk.max())}]")
-
-
-def _selection(idx_KTk: torch.Tensor, num_blocks: int, block_size: int,
-               q_offset: int) -> torch.Tensor:
-    """bool [K, T, nb]: block b selected for the query and not in its future."""
-    K, T, _ = idx_KTk.shape
-    sel_KTb = torch.zeros(K, T, num_blocks + 1, dtype=torch.bool, device=idx_KTk.device)
-    slot_KTk = torch.where(idx_KTk < 0, num_blocks, idx_KTk).long()
-    sel_KTb.scatter_(2, slot_KTk, True)
-    qblk_T1 = (q_offset + torch.arange(T, device=idx_KTk.device)[:, None]) // block_size
-    return sel_KTb[..., :num_blocks] & (torch.arange(num_blocks, device=idx_KTk.device) <= qblk_T1)
-
-
-def block_mask_from_indices(idx_KTk: torch.Tensor, *, num_keys: int, block_size: int,
-                            q_offset: int = 0) -> torch.Tensor:
-    """Dense bool [K, T, S] (True = visible): the selected blocks AND causality (for tests)."""
-    K, T, _ = idx_KTk.shape
-    nb = -(-num_keys // block_size)
-    sel_KTb = _selection(idx_KTk, nb, block_size, q_offset)
-    mask_KTS = sel_KTb.repeat_interleave(block_size, dim=-1)[..., :num_keys]
-    pos_T1 = q_offset + torch.arange(T, device=idx_KTk.device)[:, None]
-    return mask_KTS & (torch.arange(num_keys, device=idx_KTk.device) <= pos_T1)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -318,32 +274,6 @@ class _GatherAttention(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public API
 
-def _check_all(q, k, v, idx, block_size: int, q_offset: int) -> bool:
-    """Validate per-sequence tensors or [B, ...] batches (ValueError); True for a batch."""
-    dims = (q.dim(), k.dim(), v.dim(), idx.dim())
-    if dims == (3, 3, 3, 3):
-        _check(q, k, v, idx, block_size, q_offset)
-        return False
-    if dims != (4, 4, 4, 4) or len({q.shape[0], k.shape[0], v.shape[0], idx.shape[0]}) != 1:
-        raise ValueError("expected per-sequence q [N,T,H], k/v [K,S,H], idx [K,T,k] or the same "
-                         f"with a leading batch dim; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}, {tuple(idx.shape)}")
-    for b in range(q.shape[0]):
-        _check(q[b], k[b], v[b], idx[b], block_size, q_offset)
-    return True
-
-
-def _batched(fn, q, k, v, idx, block_size, q_offset, *extra):
-    """Run a per-sequence `fn` on [N,T,H]/[K,S,H]/[K,T,k] tensors or on [B, ...] batches."""
-    batch = _check_all(q, k, v, idx, block_size, q_offset)
-    if q.shape[-2] == 0:
-        return q.new_zeros(q.shape)
-    if not batch:
-        return fn(q, k, v, idx, block_size, q_offset, *extra)
-    return torch.stack([fn(q[b], k[b], v[b], idx[b], block_size, q_offset, *extra)
-                        for b in range(q.shape[0])])
-
-
 def sparse_attention_reference(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int,
                                q_offset: int = 0) -> torch.Tensor:
     """Dense-mask fp32 softmax oracle; differentiable; rows with no visible key give 0."""
@@ -369,33 +299,16 @@ def sparse_attention_gather(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int, q_
     return _batched(one, q_NTH, k_KSH, v_KSH, idx_KTk, block_size, q_offset)
 
 
-def sparse_attention_flex(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int,
-                          q_offset: int = 0) -> torch.Tensor:
-    """Compiled flex_attention with a BlockMask built from the indices (forward only on CPU).
-
-    The first call per shape compiles (seconds). Batches go through in one call.
-    """
-    batch = _check_all(q_NTH, k_KSH, v_KSH, idx_KTk, block_size, q_offset)
-    if q_NTH.shape[-2] == 0:
-        return q_NTH.new_zeros(q_NTH.shape)
-    q, k, v, idx = (t if batch else t[None] for t in (q_NTH, k_KSH, v_KSH, idx_KTk))
-    (N, T), (K, S) = q.shape[1:3], k.shape[1:3]
-    nb, Qf = -(-S // block_size), -(-T // block_size)
-    sel_BKTb = torch.stack([_selection(i, nb, block_size, q_offset) for i in idx])
-    sel_BKTb = torch.nn.functional.pad(sel_BKTb, (0, 0, 0, Qf * block_size - T)).contiguous()
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bm = flex_block_mask(sel_BKTb, N, T, S, block_size, q_offset, backward)
-    out = compiled_flex()(q, k, v, block_mask=bm, enable_gqa=N != K)
-    return out if batch else out[0]
-
-
 def sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int, q_offset: int = 0,
                      backend: str = "auto") -> torch.Tensor:
     """InfLLM v2 stage-2 attention, dispatched to a backend (module doc); output like q.
 
     Accepts per-sequence tensors q [N, T, H], k/v [K, S, H], idx [K, T, k] or the same with a
-    leading batch dim. "auto" is "gather", for prefill, decode and training alike. Measured
-    with `benchmarks/sparse_stage2_probe.py` on this 2-core CPU at N=16, K=1, H=128, fp32,
+    leading batch dim. "auto" is "masked" for CPU training rows up to MASKED_MAX_SCORES,
+    "cpp" for inference on CPU when the C++ kernel is built, else "gather". The C++ kernel at
+    32K (same geometry as below, 2 threads, selection from random q/k): 10.2 s against dense
+    causal SDPA's 27.0 s; the gather path took ~41 s (`benchmarks/sparse_attention.py`).
+    Earlier, gather against flex, measured with `benchmarks/sparse_stage2_probe.py` on this 2-core CPU at N=16, K=1, H=128, fp32,
     block 64, 96 blocks/query (steady state; compile excluded):
       8K, 1 thread (60.4 of 64.5 causal blocks): gather 5.0 s, flex 4.6 s, dense SDPA 3.9 s;
       8K, 1 thread, 24 blocks/query (21.8 of 64.5): gather 1.9-2.1 s, flex 1.8 s;
@@ -411,7 +324,15 @@ def sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int, q_offset:
     if backend not in BACKENDS:
         raise ValueError(f"unknown stage-2 backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
-        backend = "masked" if masked_training(q_NTH, k_KSH, v_KSH) else "gather"
+        if masked_training(q_NTH, k_KSH, v_KSH):
+            backend = "masked"
+        elif stage2_cpp.available(q_NTH, k_KSH, v_KSH):
+            backend = "cpp"
+        else:
+            backend = "gather"
+    if backend == "cpp":
+        return _batched(stage2_cpp.sparse_attention_cpp_one, q_NTH, k_KSH, v_KSH, idx_KTk,
+                        block_size, q_offset)
     if backend == "masked":  # one fused SDPA with the selection as a dense mask (training)
         return _batched(lambda q, k, v, idx, bs, off: masked_one(
             q, k, v, block_mask_from_indices(idx, num_keys=k.shape[1], block_size=bs,

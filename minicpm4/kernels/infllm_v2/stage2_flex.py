@@ -1,6 +1,6 @@
 """The compiled flex_attention backend of InfLLM v2 stage 2 (spec §2.2 step 6): a `BlockMask`
 built directly from the per-token block selection (see `stage2.py`'s module docstring for the
-backend; `stage2.sparse_attention_flex` is the entry point and does the checks).
+backend; `sparse_attention_flex` below is the entry point and does the checks).
 
 Shape legend: B batch, K kv heads, N query heads, T queries, S keys, Q query blocks, R rows per
 query block, b / nb key blocks.
@@ -9,6 +9,8 @@ query block, b / nb key blocks.
 from __future__ import annotations
 
 import torch
+
+from minicpm4.kernels.infllm_v2.stage2_common import _check_all, _selection
 
 _FLEX: dict = {}  # the compiled flex_attention; torch.compile keeps one graph per shape
 
@@ -52,3 +54,23 @@ def flex_block_mask(sel_BKTb, N: int, T: int, S: int, bs: int, q_offset: int, ba
     return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs,
                                     mask_mod=_flex_mask_mod(sel_BKTb, offset, N // K, bs),
                                     seq_lengths=(T, S), compute_q_blocks=backward)
+
+
+def sparse_attention_flex(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int,
+                          q_offset: int = 0) -> torch.Tensor:
+    """Compiled flex_attention with a BlockMask built from the indices (forward only on CPU).
+
+    The first call per shape compiles (seconds). Batches go through in one call.
+    """
+    batch = _check_all(q_NTH, k_KSH, v_KSH, idx_KTk, block_size, q_offset)
+    if q_NTH.shape[-2] == 0:
+        return q_NTH.new_zeros(q_NTH.shape)
+    q, k, v, idx = (t if batch else t[None] for t in (q_NTH, k_KSH, v_KSH, idx_KTk))
+    (N, T), (K, S) = q.shape[1:3], k.shape[1:3]
+    nb, Qf = -(-S // block_size), -(-T // block_size)
+    sel_BKTb = torch.stack([_selection(i, nb, block_size, q_offset) for i in idx])
+    sel_BKTb = torch.nn.functional.pad(sel_BKTb, (0, 0, 0, Qf * block_size - T)).contiguous()
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    bm = flex_block_mask(sel_BKTb, N, T, S, block_size, q_offset, backward)
+    out = compiled_flex()(q, k, v, block_mask=bm, enable_gqa=N != K)
+    return out if batch else out[0]

@@ -1,0 +1,241 @@
+// InfLLM v2 stage 2 on CPU: fused block-sparse causal attention, forward only
+// (spec §2.2 step 6, §2.4; Python side and reference: minicpm4/kernels/infllm_v2/stage2_cpp.py).
+//
+// Work item = (kv head, row group): R consecutive query positions, aligned to multiples of R,
+// with R dividing block_size so that the group's rows share one diagonal block. For each key
+// block, a 64-bit mask records which rows of the group selected it (block ids from idx, -1 and
+// future blocks ignored, duplicates harmless). Consecutive blocks with the same row mask form
+// one run of up to max_keys keys. Per run, the queries of the masked rows (all G heads of the
+// KV group, so M = popcount * G) are packed, scored against the run's keys with one sgemm,
+// masked causally where the run reaches a row's own position, folded into a per-row online
+// softmax, and P @ V is added with a second sgemm. No key outside a row's selection is
+// scored: the FLOPs are exactly the selected ones. fp32 in and out; MKL sgemm (exported by
+// libtorch_cpu) does the matrix products, one thread per work item (OpenMP, dynamic).
+//
+// Shape legend: N query heads, K kv heads, G = N / K, T queries, S keys, H head dim,
+// k slots per row, R rows per group, M packed rows, L keys of a run.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+// MKL's per-thread thread count: every sgemm here runs single-threaded inside our own
+// OpenMP work split. Without it a one-item call (a decode step) lets MKL start its own
+// threads per small product, which stalls badly when the cores are busy.
+extern "C" int MKL_Set_Num_Threads_Local(int nt);
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C[M, N] = A[M, Kd] @ B[N, Kd]^T (all leading dims = row lengths given).
+inline void gemm_nt(int M, int N, int Kd, const float* A, int lda, const float* B, int ldb,
+                    float* C, int ldc) {
+  const float one = 1.f, zero = 0.f;
+  sgemm_("T", "N", &N, &M, &Kd, &one, B, &ldb, A, &lda, &zero, C, &ldc);
+}
+
+// Row-major C[M, N] = A[M, Kd] @ B[Kd, N].
+inline void gemm_nn(int M, int N, int Kd, const float* A, int lda, const float* B, int ldb,
+                    float* C, int ldc) {
+  const float one = 1.f, zero = 0.f;
+  sgemm_("N", "N", &N, &M, &Kd, &one, B, &ldb, A, &lda, &zero, C, &ldc);
+}
+
+struct Run {
+  int64_t key0, key1;  // keys [key0, key1)
+  uint64_t rows;       // bit r: row r of the group attends these keys
+};
+
+struct Workspace {
+  std::vector<float> q, s, o, acc, m, l;
+  std::vector<uint64_t> mask;
+  std::vector<int64_t> touched;
+  std::vector<Run> runs;
+  std::vector<int> packed_state;
+};
+
+void group_forward(const float* q_NTH, const float* k_KSH, const float* v_KSH,
+                   const int32_t* idx_KTk, float* out_NTH, int64_t N, int64_t K, int64_t T,
+                   int64_t S, int64_t H, int64_t slots, int64_t bs, int64_t q_offset, int64_t R,
+                   int64_t max_keys, float scale, int64_t kh, int64_t grp, Workspace& ws) {
+  const int64_t G = N / K, nb = (S + bs - 1) / bs;
+  // Rows of this group that are real queries: positions [p0, p1).
+  const int64_t g0 = grp * R;  // first position of the group (absolute, aligned to R)
+  const int64_t p0 = std::max(g0, q_offset), p1 = std::min(g0 + R, q_offset + T);
+  if (p0 >= p1) return;
+  const int64_t r0 = p0 - g0, nrows = p1 - p0;
+
+  // 1. Row masks per block.
+  ws.mask.assign(nb, 0);
+  ws.touched.clear();
+  for (int64_t r = r0; r < r0 + nrows; ++r) {
+    const int64_t pos = g0 + r, t = pos - q_offset;
+    const int32_t* row = idx_KTk + (kh * T + t) * slots;
+    for (int64_t j = 0; j < slots; ++j) {
+      const int64_t b = row[j];
+      if (b < 0 || b >= nb || b * bs > pos) continue;
+      if (ws.mask[b] == 0) ws.touched.push_back(b);
+      ws.mask[b] |= uint64_t(1) << r;
+    }
+  }
+  std::sort(ws.touched.begin(), ws.touched.end());
+
+  // 2. Runs of consecutive blocks with the same rows.
+  ws.runs.clear();
+  for (int64_t b : ws.touched) {
+    const int64_t key0 = b * bs, key1 = std::min(key0 + bs, S);
+    if (!ws.runs.empty() && ws.runs.back().key1 == key0 && ws.runs.back().rows == ws.mask[b] &&
+        key1 - ws.runs.back().key0 <= max_keys) {
+      ws.runs.back().key1 = key1;
+    } else {
+      ws.runs.push_back({key0, key1, ws.mask[b]});
+    }
+  }
+
+  // 3. Online softmax state per (row, head): index (r - r0) * G + g.
+  const int64_t Mmax = nrows * G;
+  ws.acc.assign(Mmax * H, 0.f);
+  ws.m.assign(Mmax, kNegInf);
+  ws.l.assign(Mmax, 0.f);
+  ws.q.resize(Mmax * H);
+  ws.o.resize(Mmax * H);
+  ws.packed_state.resize(Mmax);
+  int64_t Lmax = 0;
+  for (const Run& run : ws.runs) Lmax = std::max(Lmax, run.key1 - run.key0);
+  ws.s.resize(Mmax * std::max<int64_t>(Lmax, 1));
+
+  const float* k_SH = k_KSH + kh * S * H;
+  const float* v_SH = v_KSH + kh * S * H;
+  for (const Run& run : ws.runs) {
+    // Pack the queries of the run's rows, every head of the group, scaled.
+    int64_t M = 0;
+    for (int64_t r = r0; r < r0 + nrows; ++r) {
+      if (!((run.rows >> r) & 1)) continue;
+      const int64_t t = g0 + r - q_offset;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = q_NTH + ((kh * G + g) * T + t) * H;
+        float* dst = ws.q.data() + M * H;
+        for (int64_t h = 0; h < H; ++h) dst[h] = src[h] * scale;
+        ws.packed_state[M++] = int((r - r0) * G + g);
+      }
+    }
+    const int64_t L = run.key1 - run.key0;
+    float* s_ML = ws.s.data();
+    gemm_nt(int(M), int(L), int(H), ws.q.data(), int(H), k_SH + run.key0 * H, int(H), s_ML,
+            int(L));
+    // Softmax update per packed row.
+    for (int64_t i = 0; i < M; ++i) {
+      const int st = ws.packed_state[i];
+      const int64_t pos = g0 + r0 + st / G;
+      float* srow = s_ML + i * L;
+      const int64_t vis = std::min<int64_t>(L, pos - run.key0 + 1);  // keys <= pos
+      float mx = kNegInf;
+      for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, srow[j]);
+      const float m_new = std::max(ws.m[st], mx);
+      float sum = 0.f;
+      if (m_new == kNegInf) {
+        for (int64_t j = 0; j < L; ++j) srow[j] = 0.f;
+      } else {
+        for (int64_t j = 0; j < vis; ++j) {
+          const float p = std::exp(srow[j] - m_new);
+          srow[j] = p;
+          sum += p;
+        }
+        for (int64_t j = vis; j < L; ++j) srow[j] = 0.f;
+      }
+      const float alpha = (ws.m[st] == kNegInf) ? 0.f : std::exp(ws.m[st] - m_new);
+      ws.l[st] = ws.l[st] * alpha + sum;
+      ws.m[st] = m_new;
+      // Rescale the accumulator now; P @ V is added below.
+      float* acc = ws.acc.data() + int64_t(st) * H;
+      if (alpha != 1.f)
+        for (int64_t h = 0; h < H; ++h) acc[h] *= alpha;
+    }
+    gemm_nn(int(M), int(H), int(L), s_ML, int(L), v_SH + run.key0 * H, int(H), ws.o.data(),
+            int(H));
+    for (int64_t i = 0; i < M; ++i) {
+      float* acc = ws.acc.data() + int64_t(ws.packed_state[i]) * H;
+      const float* o = ws.o.data() + i * H;
+      for (int64_t h = 0; h < H; ++h) acc[h] += o[h];
+    }
+  }
+
+  // 4. Normalise and write out; rows with no visible key give 0.
+  for (int64_t r = r0; r < r0 + nrows; ++r) {
+    const int64_t t = g0 + r - q_offset;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t st = (r - r0) * G + g;
+      const float inv = ws.l[st] > 0.f ? 1.f / ws.l[st] : 0.f;
+      const float* acc = ws.acc.data() + st * H;
+      float* dst = out_NTH + ((kh * G + g) * T + t) * H;
+      for (int64_t h = 0; h < H; ++h) dst[h] = acc[h] * inv;
+    }
+  }
+}
+
+at::Tensor sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& idx, int64_t block_size, int64_t q_offset,
+                          int64_t rows, int64_t max_keys, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && idx.dim() == 3,
+              "sparse_forward: expected q [N,T,H], k/v [K,S,H], idx [K,T,k]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && idx.scalar_type() == at::kInt,
+              "sparse_forward: q/k/v must be float32 and idx int32");
+  TORCH_CHECK(q.device().is_cpu(), "sparse_forward: CPU tensors only");
+  const int64_t N = q.size(0), T = q.size(1), H = q.size(2);
+  const int64_t K = k.size(0), S = k.size(1);
+  TORCH_CHECK(K > 0 && N % K == 0 && k.sizes() == v.sizes() && k.size(2) == H,
+              "sparse_forward: inconsistent q/k/v shapes");
+  TORCH_CHECK(idx.size(0) == K && idx.size(1) == T, "sparse_forward: idx must be [K, T, k]");
+  TORCH_CHECK(S == q_offset + T, "sparse_forward: keys must be the whole prefix");
+  TORCH_CHECK(rows >= 1 && rows <= 64 && block_size % rows == 0,
+              "sparse_forward: rows must divide block_size and be <= 64");
+  TORCH_CHECK(max_keys >= block_size, "sparse_forward: max_keys < block_size");
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ic = idx.contiguous();
+  auto out = at::zeros({N, T, H}, q.options());
+  if (T == 0) return out;
+  const int64_t first = q_offset / rows, last = (q_offset + T - 1) / rows;
+  const int64_t groups = last - first + 1, items = K * groups;
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const int32_t* ip = ic.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t slots = idx.size(2);
+  const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), int(items)));
+#pragma omp parallel num_threads(nthreads)
+  {
+    Workspace ws;
+    const int mkl_prev = MKL_Set_Num_Threads_Local(1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < items; ++w) {
+      // Late (expensive) groups first, for the dynamic schedule's balance.
+      const int64_t kh = w % K, grp = last - w / K;
+      group_forward(qp, kp, vp, ip, op, N, K, T, S, H, slots, block_size, q_offset, rows,
+                    max_keys, float(scale), kh, grp, ws);
+    }
+    MKL_Set_Num_Threads_Local(mkl_prev);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minicpm4_sparse_attn, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor idx, int block_size, int q_offset, "
+        "int rows, int max_keys, float scale) -> Tensor",
+        &sparse_forward);
+}
