@@ -1,5 +1,8 @@
 """Training matmuls on CPU: x @ W^T through oneDNN, and the switch for the training kernels.
 
+`apply_linear` is also the inference entry of the model's linear layers: bf16 decode-sized
+inputs on CPU go to the skinny GEMM kernel (`kernels/skinny_linear.py`).
+
 Spec §5 (training system); the custom autograd paths of `model/layers.py` and the fused
 LM-head loss (`kernels/linear_ce.py`) are all gated by `needs_training_kernels`. The plain
 reference for everything here is `F.linear` (tests/kernels/test_training_kernels.py).
@@ -13,6 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minicpm4.kernels import skinny_linear
 
 TRAINING_KERNELS = os.environ.get("MINICPM4_TRAINING_KERNELS", "1") != "0"
 """Use the fused training path (module docstring) when gradients are needed."""
@@ -80,8 +85,11 @@ def train_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def apply_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`linear(x)`; in fp32 training on CPU (no autocast) through `matmul_nt` instead (the
-    module's hooks are then not called)."""
+    """`linear(x)`; in fp32 training on CPU (no autocast) through `matmul_nt` instead, and
+    in bf16 inference with few rows on CPU (decode) through the skinny GEMM kernel
+    (`kernels/skinny_linear.py`); on those two paths the module's hooks are not called."""
     if linear.bias is None and _onednn_training(x, linear.weight):
         return _LinearFunction.apply(x, linear.weight)
+    if type(linear) is nn.Linear and skinny_linear.applies(x, linear.weight, linear.bias):
+        return skinny_linear.kernel(x, linear.weight, linear.bias)
     return linear(x)

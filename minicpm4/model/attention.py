@@ -77,9 +77,11 @@ class Attention(nn.Module):
                                                 inp.signed_sin_BTH(), self.num_heads,
                                                 self.num_kv_heads)
             return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp)
-        q_BNTH = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BKTH = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BKTH = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTF, k_BTF, v_BTF = (apply_linear(proj, x_BTD)
+                               for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q_BNTH = q_BTF.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BKTH = k_BTF.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKTH = v_BTF.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         sel = (q_BNTH, k_BKTH) if nope else None  # use_nope: select with pre-RoPE q/k
         if self.use_rope:
             q_BNTH = apply_rotary(q_BNTH, inp.cos_BTH, inp.sin_BTH)
@@ -101,7 +103,7 @@ class Attention(nn.Module):
                                  is_causal=inp.is_causal)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         if self.o_gate is not None:
-            out_BTD = out_BTD * torch.sigmoid(self.o_gate(x_BTD))
+            out_BTD = out_BTD * torch.sigmoid(apply_linear(self.o_gate, x_BTD))
         return apply_linear(self.o_proj, out_BTD)
 
     def _sparse(self, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor,

@@ -111,7 +111,8 @@ class MLP(nn.Module):
             w_2FD = torch.cat((self.gate_proj.weight, self.up_proj.weight))
             act_BTF = _SwiGLUFunction.apply(train_linear(x_BTD, w_2FD))
             return apply_linear(self.down_proj, act_BTF)
-        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        act_BTF = F.silu(apply_linear(self.gate_proj, x_BTD)) * apply_linear(self.up_proj, x_BTD)
+        return apply_linear(self.down_proj, act_BTF)
 
 
 def longrope_mscale(cfg: ModelConfig) -> float:

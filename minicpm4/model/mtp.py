@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpm4.kernels.matmul import apply_linear
 from minicpm4.model import mup
 from minicpm4.model.attention import AttentionInputs
 from minicpm4.model.config import ModelConfig
@@ -74,7 +75,8 @@ class MTPHead(nn.Module):
 
     def fuse(self, h_BTD: torch.Tensor, next_emb_BTD: torch.Tensor) -> torch.Tensor:
         """u = fc1(input_norm1(Emb(x_{t+1}))) + fc2(input_norm2(h_t)), [B, T, D]."""
-        return self.fc1(self.input_norm1(next_emb_BTD)) + self.fc2(self.input_norm2(h_BTD))
+        return apply_linear(self.fc1, self.input_norm1(next_emb_BTD)) + \
+            apply_linear(self.fc2, self.input_norm2(h_BTD))
 
     def forward(self, h_BTD: torch.Tensor, next_emb_BTD: torch.Tensor,
                 inp: AttentionInputs) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from minicpm4.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy
+from minicpm4.kernels.matmul import apply_linear
 from minicpm4.model import mup
 from minicpm4.model.attention import Attention, AttentionInputs
 from minicpm4.model.cache import KVCache
@@ -261,7 +262,7 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     def compute_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """fp32 logits of final (normed) hidden states: lm_head(h * dim_model_base / hidden)."""
-        return self.lm_head(h_BTD * self.logit_scale).float()
+        return apply_linear(self.lm_head, h_BTD * self.logit_scale).float()
 
     def forward_with_mtp(self, input_ids_BT: torch.Tensor, *,
                          attention_mask_BT: torch.Tensor | None = None

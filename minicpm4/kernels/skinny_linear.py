@@ -1,0 +1,85 @@
+"""Inference-time bf16 linear layers for few rows on CPU (decode steps): the skinny GEMM kernel.
+
+Issue 5, acceptance item 5 (`benchmarks/serve.py`: decode throughput >= 2x transformers'
+batched `generate` at equal batch). A decode step multiplies M = batch (1..32) rows by every
+weight matrix once, so it is bound by how fast the bf16 weights stream from memory, and on
+this project's AVX-512 EPYC machines torch's bf16 GEMM for so few rows streams them slowly:
+measured (2 threads), a 1 x 4096 @ 4096 x 4096 bf16 GEMV 8.4 ms (~4 GB/s of weights), the
+same in fp32 4.25 ms (~16 GB/s); at M = 8 bf16 `F.linear` reaches ~8.7 GB/s.
+`csrc/skinny_gemm.cpp` computes x @ W^T straight from the nn.Linear weight ([N, K], no
+repacked copy) with AVX-512 BF16 dot products and fp32 accumulation, split over N between
+torch's threads. Its numbers against `F.linear` are in
+`benchmarks/results/2026-11_cpu-2core_skinny_linear.md` (`benchmarks/skinny_linear.py`).
+
+`linear(x, weight, bias)` has `F.linear`'s semantics for any leading dims. It takes the
+kernel only when everything below holds, and is `F.linear` otherwise:
+- CPU tensors, x, weight (and bias) bfloat16, weight contiguous (other weight types, e.g.
+  quantised ones, never get here: they are not bf16 tensors);
+- no autograd: grad mode off or nothing requires grad (training keeps its paths,
+  `kernels/matmul.py`);
+- at most `MAX_ROWS` rows (x.numel() / K): prefill chunks keep torch's GEMM, which is
+  compute-bound there and faster;
+- the extension built (`cpu_ext.load("skinny_gemm")`, once, ~15 s) and not disabled
+  (`MINICPM4_CPU_EXT=0`, also read at call time, or `SKINNY_LINEAR = False` here).
+The result is bf16 like `F.linear`'s; sums are fp32 and rounded once, so values differ from
+torch's only in summation order.
+Shape legend: M rows, K inner, N output features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minicpm4.kernels import cpu_ext
+
+SKINNY_LINEAR = True
+"""Module switch (tests and benchmarks turn it off to compare with `F.linear`)."""
+
+MAX_ROWS = 32
+"""Cut-over: more rows than this go to `F.linear` (measured: `benchmarks/skinny_linear.py`)."""
+
+_EXT = "skinny_gemm"
+
+
+def available() -> bool:
+    """True when the C++ op is built and loaded and the kernel is switched on."""
+    if not (SKINNY_LINEAR and cpu_ext.enabled()):
+        return False
+    state = cpu_ext._STATE.get(_EXT)  # after the first call: no lock taken
+    return cpu_ext.load(_EXT) if state is None else state
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear(x, weight, bias)` takes the C++ kernel (module docstring)."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0:
+        return False
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.device.type != "cpu"):
+        return False
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_contiguous():
+        return False  # tensor subclasses (quantised / DTensor weights) keep their own linear
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False
+    K = x.shape[-1]
+    if K != weight.shape[1] or K == 0 or x.numel() // K > MAX_ROWS:
+        return False
+    return available()
+
+
+def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """The C++ op on any leading dims, without the checks of `applies` (call that first)."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    y_MN = torch.ops.minicpm4_skinny_gemm.linear(x_MK, weight, bias)
+    return y_MN.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; bf16 inference with few rows on CPU via the C++ kernel."""
+    if applies(x, weight, bias):
+        return kernel(x, weight, bias)
+    return F.linear(x, weight, bias)
