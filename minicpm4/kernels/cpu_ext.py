@@ -34,13 +34,13 @@ def enabled() -> bool:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags (a VM may hide features of the same model)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    info = [next((x for x in lines if x.startswith(key)), "") for key in ("model name", "flags")]
+    return "|".join(info) if any(info) else (platform.processor() or platform.machine())
 
 
 def cache_dir() -> Path:
