@@ -9,7 +9,8 @@
 // KV group, so M = popcount * G) are packed, scored against the run's keys with one sgemm,
 // masked causally where the run reaches a row's own position, folded into a per-row online
 // softmax, and P @ V is added with a second sgemm. No key outside a row's selection is
-// scored: the FLOPs are exactly the selected ones. fp32 in and out; MKL sgemm (exported by
+// scored: the FLOPs are exactly the selected ones. fp32 or bf16 in (bf16 keys are converted
+// per run), fp32 math and out; MKL sgemm (exported by
 // libtorch_cpu) does the matrix products, one thread per work item (OpenMP, dynamic).
 //
 // Shape legend: N query heads, K kv heads, G = N / K, T queries, S keys, H head dim,
@@ -60,14 +61,24 @@ struct Run {
 };
 
 struct Workspace {
-  std::vector<float> q, s, o, acc, m, l;
+  std::vector<float> q, s, o, acc, m, l, kbuf, vbuf;
   std::vector<uint64_t> mask;
   std::vector<int64_t> touched;
   std::vector<Run> runs;
   std::vector<int> packed_state;
 };
 
-void group_forward(const float* q_NTH, const float* k_KSH, const float* v_KSH,
+// fp32 rows of a [rows, H] slice: the pointer itself for fp32, a converted copy for bf16
+// (only the keys of one run, so a decode step converts its selected keys, not the cache).
+inline const float* as_float(const float* x, int64_t n, std::vector<float>&) { return x; }
+inline const float* as_float(const at::BFloat16* x, int64_t n, std::vector<float>& buf) {
+  buf.resize(n);
+  for (int64_t i = 0; i < n; ++i) buf[i] = float(x[i]);
+  return buf.data();
+}
+
+template <typename scalar_t>
+void group_forward(const scalar_t* q_NTH, const scalar_t* k_KSH, const scalar_t* v_KSH,
                    const int32_t* idx_KTk, float* out_NTH, int64_t N, int64_t K, int64_t T,
                    int64_t S, int64_t H, int64_t slots, int64_t bs, int64_t q_offset, int64_t R,
                    int64_t max_keys, float scale, int64_t kh, int64_t grp, Workspace& ws) {
@@ -117,8 +128,8 @@ void group_forward(const float* q_NTH, const float* k_KSH, const float* v_KSH,
   for (const Run& run : ws.runs) Lmax = std::max(Lmax, run.key1 - run.key0);
   ws.s.resize(Mmax * std::max<int64_t>(Lmax, 1));
 
-  const float* k_SH = k_KSH + kh * S * H;
-  const float* v_SH = v_KSH + kh * S * H;
+  const scalar_t* k_SH = k_KSH + kh * S * H;
+  const scalar_t* v_SH = v_KSH + kh * S * H;
   for (const Run& run : ws.runs) {
     // Pack the queries of the run's rows, every head of the group, scaled.
     int64_t M = 0;
@@ -126,15 +137,16 @@ void group_forward(const float* q_NTH, const float* k_KSH, const float* v_KSH,
       if (!((run.rows >> r) & 1)) continue;
       const int64_t t = g0 + r - q_offset;
       for (int64_t g = 0; g < G; ++g) {
-        const float* src = q_NTH + ((kh * G + g) * T + t) * H;
+        const scalar_t* src = q_NTH + ((kh * G + g) * T + t) * H;
         float* dst = ws.q.data() + M * H;
-        for (int64_t h = 0; h < H; ++h) dst[h] = src[h] * scale;
+        for (int64_t h = 0; h < H; ++h) dst[h] = float(src[h]) * scale;
         ws.packed_state[M++] = int((r - r0) * G + g);
       }
     }
     const int64_t L = run.key1 - run.key0;
     float* s_ML = ws.s.data();
-    gemm_nt(int(M), int(L), int(H), ws.q.data(), int(H), k_SH + run.key0 * H, int(H), s_ML,
+    const float* k_LH = as_float(k_SH + run.key0 * H, L * H, ws.kbuf);
+    gemm_nt(int(M), int(L), int(H), ws.q.data(), int(H), k_LH, int(H), s_ML,
             int(L));
     // Softmax update per packed row.
     for (int64_t i = 0; i < M; ++i) {
@@ -164,7 +176,8 @@ void group_forward(const float* q_NTH, const float* k_KSH, const float* v_KSH,
       if (alpha != 1.f)
         for (int64_t h = 0; h < H; ++h) acc[h] *= alpha;
     }
-    gemm_nn(int(M), int(H), int(L), s_ML, int(L), v_SH + run.key0 * H, int(H), ws.o.data(),
+    const float* v_LH = as_float(v_SH + run.key0 * H, L * H, ws.vbuf);
+    gemm_nn(int(M), int(H), int(L), s_ML, int(L), v_LH, int(H), ws.o.data(),
             int(H));
     for (int64_t i = 0; i < M; ++i) {
       float* acc = ws.acc.data() + int64_t(ws.packed_state[i]) * H;
@@ -186,35 +199,20 @@ void group_forward(const float* q_NTH, const float* k_KSH, const float* v_KSH,
   }
 }
 
-at::Tensor sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& idx, int64_t block_size, int64_t q_offset,
-                          int64_t rows, int64_t max_keys, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && idx.dim() == 3,
-              "sparse_forward: expected q [N,T,H], k/v [K,S,H], idx [K,T,k]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat && idx.scalar_type() == at::kInt,
-              "sparse_forward: q/k/v must be float32 and idx int32");
-  TORCH_CHECK(q.device().is_cpu(), "sparse_forward: CPU tensors only");
+template <typename scalar_t>
+void run_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& idx, at::Tensor& out, int64_t block_size, int64_t q_offset,
+                int64_t rows, int64_t max_keys, double scale) {
   const int64_t N = q.size(0), T = q.size(1), H = q.size(2);
-  const int64_t K = k.size(0), S = k.size(1);
-  TORCH_CHECK(K > 0 && N % K == 0 && k.sizes() == v.sizes() && k.size(2) == H,
-              "sparse_forward: inconsistent q/k/v shapes");
-  TORCH_CHECK(idx.size(0) == K && idx.size(1) == T, "sparse_forward: idx must be [K, T, k]");
-  TORCH_CHECK(S == q_offset + T, "sparse_forward: keys must be the whole prefix");
-  TORCH_CHECK(rows >= 1 && rows <= 64 && block_size % rows == 0,
-              "sparse_forward: rows must divide block_size and be <= 64");
-  TORCH_CHECK(max_keys >= block_size, "sparse_forward: max_keys < block_size");
+  const int64_t K = k.size(0), S = k.size(1), slots = idx.size(2);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ic = idx.contiguous();
-  auto out = at::zeros({N, T, H}, q.options());
-  if (T == 0) return out;
   const int64_t first = q_offset / rows, last = (q_offset + T - 1) / rows;
   const int64_t groups = last - first + 1, items = K * groups;
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
+  const scalar_t* qp = qc.data_ptr<scalar_t>();
+  const scalar_t* kp = kc.data_ptr<scalar_t>();
+  const scalar_t* vp = vc.data_ptr<scalar_t>();
   const int32_t* ip = ic.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
-  const int64_t slots = idx.size(2);
   const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), int(items)));
 #pragma omp parallel num_threads(nthreads)
   {
@@ -228,6 +226,34 @@ at::Tensor sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
                     max_keys, float(scale), kh, grp, ws);
     }
     MKL_Set_Num_Threads_Local(mkl_prev);
+  }
+}
+
+at::Tensor sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& idx, int64_t block_size, int64_t q_offset,
+                          int64_t rows, int64_t max_keys, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && idx.dim() == 3,
+              "sparse_forward: expected q [N,T,H], k/v [K,S,H], idx [K,T,k]");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+                  idx.scalar_type() == at::kInt,
+              "sparse_forward: q/k/v must all be float32 or all bfloat16, idx int32");
+  TORCH_CHECK(q.device().is_cpu(), "sparse_forward: CPU tensors only");
+  const int64_t N = q.size(0), T = q.size(1), H = q.size(2);
+  const int64_t K = k.size(0), S = k.size(1);
+  TORCH_CHECK(K > 0 && N % K == 0 && k.sizes() == v.sizes() && k.size(2) == H,
+              "sparse_forward: inconsistent q/k/v shapes");
+  TORCH_CHECK(idx.size(0) == K && idx.size(1) == T, "sparse_forward: idx must be [K, T, k]");
+  TORCH_CHECK(S == q_offset + T, "sparse_forward: keys must be the whole prefix");
+  TORCH_CHECK(rows >= 1 && rows <= 64 && block_size % rows == 0,
+              "sparse_forward: rows must divide block_size and be <= 64");
+  TORCH_CHECK(max_keys >= block_size, "sparse_forward: max_keys < block_size");
+  auto out = at::zeros({N, T, H}, q.options().dtype(at::kFloat));
+  if (T == 0) return out;
+  if (q.scalar_type() == at::kBFloat16) {
+    run_groups<at::BFloat16>(q, k, v, idx, out, block_size, q_offset, rows, max_keys, scale);
+  } else {
+    run_groups<float>(q, k, v, idx, out, block_size, q_offset, rows, max_keys, scale);
   }
   return out;
 }

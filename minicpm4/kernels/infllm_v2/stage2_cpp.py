@@ -6,7 +6,7 @@ are packed (all G heads of the group as the M dimension, as in the CUDA kernel o
 multiplied with that block's keys, and a per-row online softmax streams the blocks, so no
 union of selections is scored and no K/V is copied. Consecutive blocks picked by the same rows
 (the sink and the local window, for every row) run as one wider product. Forward only, fp32
-math; bf16 inputs are converted once. The oracle is `stage2.sparse_attention_reference`
+math; bf16 inputs are read as bf16 and converted block by block. The oracle is `stage2.sparse_attention_reference`
 (tests/kernels/test_infllm_v2_cpp.py); `stage2.sparse_attention` takes this path for CPU
 inference whenever the kernel is available.
 Shape legend: N query heads, K kv heads, T queries, S keys, H head dim, k slots.
@@ -49,8 +49,12 @@ def sparse_attention_cpp_one(q_NTH: torch.Tensor, k_KSH: torch.Tensor, v_KSH: to
     G = N // k_KSH.shape[0]
     # Runs longer than the score budget allows are cut; whole blocks, at least one.
     max_keys = max(1, MAX_KEY_FLOATS // (R * G * block_size)) * block_size
+    # bf16 q/k/v go in as they are (the kernel converts only the keys it reads: a decode
+    # step must not convert the whole cache); anything else runs in fp32.
+    dt = torch.bfloat16 if {q_NTH.dtype, k_KSH.dtype, v_KSH.dtype} == {torch.bfloat16} \
+        else torch.float32
     out_NTH = torch.ops.minicpm4_sparse_attn.forward(
-        q_NTH.float().contiguous(), k_KSH.float().contiguous(), v_KSH.float().contiguous(),
+        q_NTH.to(dt).contiguous(), k_KSH.to(dt).contiguous(), v_KSH.to(dt).contiguous(),
         idx_KTk.to(torch.int32).contiguous(), block_size, q_offset, R, max_keys,
         1.0 / math.sqrt(H))
     return out_NTH.to(q_NTH.dtype)
