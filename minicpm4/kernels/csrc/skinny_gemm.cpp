@@ -226,7 +226,8 @@ void avx512_tiles(const Problem& p, int64_t tile_begin, int64_t tile_end) {
 
 void run_avx512(const Problem& p) {
   const int64_t tiles = (p.N + kTileN - 1) / kTileN;
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (kTileN * std::max<int64_t>(p.K, 1)));
+  const int64_t grain =
+      std::max<int64_t>(1, kMinWorkPerThread / (kTileN * std::max<int64_t>(p.K, 1)));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { avx512_tiles(p, t0, t1); });
 }
 
@@ -235,7 +236,8 @@ void run_avx512(const Problem& p) {
 // ---------------------------------------------------------------- op entry points
 at::Tensor prepare(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                    Problem& p, at::Tensor& x_c, at::Tensor& b_c) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "skinny_gemm.linear: x [M, K] and w [N, K] must be 2-D, got ",
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2,
+              "skinny_gemm.linear: x [M, K] and w [N, K] must be 2-D, got ",
               x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_gemm.linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
