@@ -39,6 +39,8 @@ def _inputs(N, K, T, off, H, bs, k, seed=0, dtype=torch.float32):
     (6, 3, 1, 77, 8, 8, 5, None),      # a decode step
     (16, 2, 130, 0, 64, 64, 6, 64),    # G = 8, the 0.5B's group; a partial last block
     (8, 8, 33, 5, 16, 16, 4, 4),       # G = 1
+    (4, 1, 300, 50, 16, 16, 6, 100),   # groups spanning several query blocks, two mask words
+    (4, 2, 600, 0, 16, 8, 9, 256),     # four mask words
 ])
 def test_stage2_equals_reference(N, K, T, off, H, bs, k, rows) -> None:
     q, kk, v, idx = _inputs(N, K, T, off, H, bs, k)
@@ -100,7 +102,7 @@ def test_fallback_when_the_kernels_are_off(monkeypatch) -> None:
 def test_stage2_bad_rows() -> None:
     q, kk, v, idx = _inputs(4, 2, 40, 0, 16, 8, 3)
     with pytest.raises(ValueError, match="rows"):
-        stage2_cpp.sparse_attention_cpp_one(q, kk, v, idx, 8, 0, rows=3)
+        stage2_cpp.sparse_attention_cpp_one(q, kk, v, idx, 8, 0, rows=257)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -1,9 +1,8 @@
 // InfLLM v2 stage 2 on CPU: fused block-sparse causal attention, forward only
 // (spec §2.2 step 6, §2.4; Python side and reference: minicpm4/kernels/infllm_v2/stage2_cpp.py).
 //
-// Work item = (kv head, row group): R consecutive query positions, aligned to multiples of R,
-// with R dividing block_size so that the group's rows share one diagonal block. For each key
-// block, a 64-bit mask records which rows of the group selected it (block ids from idx, -1 and
+// Work item = (kv head, row group): R <= 256 consecutive query positions, aligned to
+// multiples of R. For each key block, a bit mask records which rows of the group selected it (block ids from idx, -1 and
 // future blocks ignored, duplicates harmless). Consecutive blocks with the same row mask form
 // one run of up to max_keys keys. Per run, the queries of the masked rows (all G heads of the
 // KV group, so M = popcount * G) are packed, scored against the run's keys with one sgemm,
@@ -23,6 +22,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -55,14 +55,24 @@ inline void gemm_nn(int M, int N, int Kd, const float* A, int lda, const float* 
   sgemm_("N", "N", &N, &M, &Kd, &one, B, &ldb, A, &lda, &zero, C, &ldc);
 }
 
+constexpr int64_t kMaxRows = 256;
+using RowMask = std::array<uint64_t, kMaxRows / 64>;  // bit r: row r of the group
+
+inline bool has_row(const RowMask& m, int64_t r) { return (m[r >> 6] >> (r & 63)) & 1; }
+inline bool any_row(const RowMask& m) {
+  for (uint64_t w : m)
+    if (w) return true;
+  return false;
+}
+
 struct Run {
   int64_t key0, key1;  // keys [key0, key1)
-  uint64_t rows;       // bit r: row r of the group attends these keys
+  RowMask rows;        // the rows of the group that attend these keys
 };
 
 struct Workspace {
   std::vector<float> q, s, o, acc, m, l, kbuf, vbuf;
-  std::vector<uint64_t> mask;
+  std::vector<RowMask> mask;
   std::vector<int64_t> touched;
   std::vector<Run> runs;
   std::vector<int> packed_state;
@@ -90,7 +100,7 @@ void group_forward(const scalar_t* q_NTH, const scalar_t* k_KSH, const scalar_t*
   const int64_t r0 = p0 - g0, nrows = p1 - p0;
 
   // 1. Row masks per block.
-  ws.mask.assign(nb, 0);
+  ws.mask.assign(nb, RowMask{});
   ws.touched.clear();
   for (int64_t r = r0; r < r0 + nrows; ++r) {
     const int64_t pos = g0 + r, t = pos - q_offset;
@@ -98,8 +108,8 @@ void group_forward(const scalar_t* q_NTH, const scalar_t* k_KSH, const scalar_t*
     for (int64_t j = 0; j < slots; ++j) {
       const int64_t b = row[j];
       if (b < 0 || b >= nb || b * bs > pos) continue;
-      if (ws.mask[b] == 0) ws.touched.push_back(b);
-      ws.mask[b] |= uint64_t(1) << r;
+      if (!any_row(ws.mask[b])) ws.touched.push_back(b);
+      ws.mask[b][r >> 6] |= uint64_t(1) << (r & 63);
     }
   }
   std::sort(ws.touched.begin(), ws.touched.end());
@@ -134,7 +144,7 @@ void group_forward(const scalar_t* q_NTH, const scalar_t* k_KSH, const scalar_t*
     // Pack the queries of the run's rows, every head of the group, scaled.
     int64_t M = 0;
     for (int64_t r = r0; r < r0 + nrows; ++r) {
-      if (!((run.rows >> r) & 1)) continue;
+      if (!has_row(run.rows, r)) continue;
       const int64_t t = g0 + r - q_offset;
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* src = q_NTH + ((kh * G + g) * T + t) * H;
@@ -245,8 +255,7 @@ at::Tensor sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
               "sparse_forward: inconsistent q/k/v shapes");
   TORCH_CHECK(idx.size(0) == K && idx.size(1) == T, "sparse_forward: idx must be [K, T, k]");
   TORCH_CHECK(S == q_offset + T, "sparse_forward: keys must be the whole prefix");
-  TORCH_CHECK(rows >= 1 && rows <= 64 && block_size % rows == 0,
-              "sparse_forward: rows must divide block_size and be <= 64");
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "sparse_forward: rows must be in [1, 256]");
   TORCH_CHECK(max_keys >= block_size, "sparse_forward: max_keys < block_size");
   auto out = at::zeros({N, T, H}, q.options().dtype(at::kFloat));
   if (T == 0) return out;

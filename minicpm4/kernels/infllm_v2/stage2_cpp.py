@@ -20,11 +20,12 @@ import torch
 
 from minicpm4.kernels import cpu_ext
 
-ROWS = 64
-"""Query rows per work item (a divisor of block_size, at most 64). More rows reuse each loaded
-key block for more queries; fewer rows give more, smaller work items. Stage 2 alone, 2
-threads, N=16/K=1/H=128, random q/k selections: 32K took 10.2 s with 64 rows, 11.8 s with
-16; 16K 4.3 s / 4.6 s / 6.2 s with 64 / 16 / 4 rows."""
+ROWS = 128
+"""Query rows per work item (at most 256). More rows reuse each loaded key block for more
+queries (a bigger M per sgemm); fewer rows give more, smaller work items. Stage 2 alone, 2
+threads, N=16/K=1/H=128, selections from random q/k: 64K took 21.8 / 20.8 / 22.7 s with
+64 / 128 / 256 rows; 32K 10.2 s with 64 rows, 11.8 s with 16; 16K 4.3 / 4.6 / 6.2 s with
+64 / 16 / 4 rows."""
 MAX_KEY_FLOATS = 1 << 18
 """Score tile budget: a run of blocks is cut so that M x L fp32 scores stay within 1 MiB,
 at least one block (256 KiB measured 2-3% slower at 64 rows)."""
@@ -43,9 +44,9 @@ def sparse_attention_cpp_one(q_NTH: torch.Tensor, k_KSH: torch.Tensor, v_KSH: to
     if not cpu_ext.load("sparse_attn"):
         raise RuntimeError("the C++ InfLLM v2 kernel is not available (see warnings)")
     N, T, H = q_NTH.shape
-    R = rows if rows is not None else math.gcd(ROWS, block_size)
-    if not (1 <= R <= 64 and block_size % R == 0):
-        raise ValueError(f"rows must divide block_size={block_size} and be <= 64, got {R}")
+    R = rows if rows is not None else ROWS
+    if not (isinstance(R, int) and 1 <= R <= 256):
+        raise ValueError(f"rows must be an int in [1, 256], got {R!r}")
     G = N // k_KSH.shape[0]
     # Runs longer than the score budget allows are cut; whole blocks, at least one.
     max_keys = max(1, MAX_KEY_FLOATS // (R * G * block_size)) * block_size
