@@ -70,7 +70,8 @@ def _build(name: str) -> bool:
     from torch.utils import cpp_extension
 
     src = CSRC / f"{name}.cpp"
-    key = hashlib.sha256(src.read_bytes() + torch.__version__.encode()
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # shared includes
+    key = hashlib.sha256(src.read_bytes() + headers + torch.__version__.encode()
                          + _cpu_model().encode()).hexdigest()[:16]
     build = cache_dir() / f"{name}_{key}"
     build.mkdir(parents=True, exist_ok=True)

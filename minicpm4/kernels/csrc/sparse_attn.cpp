@@ -28,32 +28,14 @@
 #include <limits>
 #include <vector>
 
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-// MKL's per-thread thread count: every sgemm here runs single-threaded inside our own
-// OpenMP work split. Without it a one-item call (a decode step) lets MKL start its own
-// threads per small product, which stalls badly when the cores are busy.
-extern "C" int MKL_Set_Num_Threads_Local(int nt);
+#include "mkl_gemm.h"
 
 namespace {
 
+using minicpm4_mkl::gemm_nn;
+using minicpm4_mkl::gemm_nt;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Row-major C[M, N] = A[M, Kd] @ B[N, Kd]^T (all leading dims = row lengths given).
-inline void gemm_nt(int M, int N, int Kd, const float* A, int lda, const float* B, int ldb,
-                    float* C, int ldc) {
-  const float one = 1.f, zero = 0.f;
-  sgemm_("T", "N", &N, &M, &Kd, &one, B, &ldb, A, &lda, &zero, C, &ldc);
-}
-
-// Row-major C[M, N] = A[M, Kd] @ B[Kd, N].
-inline void gemm_nn(int M, int N, int Kd, const float* A, int lda, const float* B, int ldb,
-                    float* C, int ldc) {
-  const float one = 1.f, zero = 0.f;
-  sgemm_("N", "N", &N, &M, &Kd, &one, B, &ldb, A, &lda, &zero, C, &ldc);
-}
 
 constexpr int64_t kMaxRows = 256;
 using RowMask = std::array<uint64_t, kMaxRows / 64>;  // bit r: row r of the group

@@ -25,24 +25,13 @@
 #include <limits>
 #include <vector>
 
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-// MKL's per-thread thread count: every sgemm here runs single-threaded inside our own
-// OpenMP work split. Without it a one-item call (a decode step) lets MKL start its own
-// threads per small product, which stalls badly when the cores are busy.
-extern "C" int MKL_Set_Num_Threads_Local(int nt);
+#include "mkl_gemm.h"
 
 namespace {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
+using minicpm4_mkl::gemm_nt;
 
-// Row-major C[M, N] = A[M, Kd] @ B[N, Kd]^T.
-inline void gemm_nt(int M, int N, int Kd, const float* A, const float* B, float* C) {
-  const float one = 1.f, zero = 0.f;
-  sgemm_("T", "N", &N, &M, &Kd, &one, B, &Kd, A, &Kd, &zero, C, &N);
-}
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Number of compressed keys visible at position pos: j visible iff stride*j + kernel-1 <= pos.
 inline int64_t num_visible(int64_t pos, int64_t kernel, int64_t stride, int64_t count) {
@@ -89,10 +78,12 @@ void tile_select(const float* q_NTH, const float* kc1_KCH, const float* kc2_KCH,
     }
   ws.l1.resize(std::max<int64_t>(M * used1, 1));
   if (used1 > 0)
-    gemm_nt(int(M), int(used1), int(H), ws.q.data(), kc1_KCH + kh * C1 * H, ws.l1.data());
+    gemm_nt(int(M), int(used1), int(H), ws.q.data(), int(H), kc1_KCH + kh * C1 * H, int(H),
+            ws.l1.data(), int(used1));
   if (used2 > 0) {
     ws.l2.resize(M * used2);
-    gemm_nt(int(M), int(used2), int(H), ws.q.data(), kc2_KCH + kh * C2 * H, ws.l2.data());
+    gemm_nt(int(M), int(used2), int(H), ws.q.data(), int(H), kc2_KCH + kh * C2 * H, int(H),
+            ws.l2.data(), int(used2));
   }
   ws.s.resize(std::max<int64_t>(C1, 1));
   ws.blk.resize(nb);

@@ -20,8 +20,8 @@ import torch
 from minicpm4.kernels import cpu_ext
 from minicpm4.kernels.infllm_v2.params import SparseParams
 from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, _check_lse, _prepare,
-                                                  compress_keys, select_blocks_chunked,
-                                                  select_blocks_decode)
+                                                  check_decode, compress_keys,
+                                                  select_blocks_chunked, select_blocks_decode)
 
 ROWS = 16
 """Query tokens per work item: M = ROWS * G packed rows share each compressed-key load."""
@@ -75,13 +75,7 @@ def select_decode_fast(q_NH: torch.Tensor, buffer: CompressedKeyBuffer, *, cache
     """`selection.select_blocks_decode`, through the C++ kernel when available."""
     if not available(q_NH):
         return select_blocks_decode(q_NH, buffer, cache_len=cache_len, params=params, lse=lse)
-    if q_NH.dim() != 2:
-        raise ValueError(f"q_NH must be [N, H], got shape {tuple(q_NH.shape)}")
-    if params != buffer.params:
-        raise ValueError(f"params {params} differ from the buffer's {buffer.params}")
-    if buffer.kc1_KCH is None or buffer.num_tokens != cache_len + 1:
-        raise ValueError(f"buffer holds {buffer.num_tokens} keys; decoding position "
-                         f"cache_len={cache_len} needs cache_len + 1 = {cache_len + 1}")
+    check_decode(q_NH, buffer, cache_len=cache_len, params=params, lse=lse)
     with torch.no_grad():
         return _run(q_NH[:, None], buffer.kc1_KCH, buffer.kc2_KCH, q_offset=cache_len,
                     num_keys=cache_len + 1, params=params, lse=lse)

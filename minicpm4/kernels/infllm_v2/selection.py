@@ -373,14 +373,9 @@ class CompressedKeyBuffer:
         self.num_tokens += k_KTH.shape[1]
 
 
-def select_blocks_decode(q_NH: torch.Tensor, buffer: CompressedKeyBuffer, *, cache_len: int,
-                         params: SparseParams, lse: str = "exact") -> torch.Tensor:
-    """Selection for one new token at position cache_len, int32 [K, 1, k] (spec §2.3).
-
-    `buffer` must already hold the new token's key (cache_len + 1 keys). Every complete
-    compressed key is visible (its kernel ends at or before the current position), so this
-    equals the last row of `select_blocks` on the whole sequence.
-    """
+def check_decode(q_NH: torch.Tensor, buffer: CompressedKeyBuffer, *, cache_len: int,
+                 params: SparseParams, lse: str) -> None:
+    """ValueError unless q [N, H], params, LSE mode and buffer fit a decode step at cache_len."""
     _check_lse(lse)
     if q_NH.dim() != 2:
         raise ValueError(f"q_NH must be [N, H], got shape {tuple(q_NH.shape)}")
@@ -390,6 +385,17 @@ def select_blocks_decode(q_NH: torch.Tensor, buffer: CompressedKeyBuffer, *, cac
         raise ValueError(f"buffer holds {buffer.num_tokens} keys; decoding position "
                          f"cache_len={cache_len} needs cache_len + 1 = {cache_len + 1}")
     _check_q_kc(q_NH[:, None], buffer.kc1_KCH, "q_NH", "buffer.kc1_KCH")
+
+
+def select_blocks_decode(q_NH: torch.Tensor, buffer: CompressedKeyBuffer, *, cache_len: int,
+                         params: SparseParams, lse: str = "exact") -> torch.Tensor:
+    """Selection for one new token at position cache_len, int32 [K, 1, k] (spec §2.3).
+
+    `buffer` must already hold the new token's key (cache_len + 1 keys). Every complete
+    compressed key is visible (its kernel ends at or before the current position), so this
+    equals the last row of `select_blocks` on the whole sequence.
+    """
+    check_decode(q_NH, buffer, cache_len=cache_len, params=params, lse=lse)
     with torch.no_grad():
         return _select_compressed(q_NH[:, None], buffer.kc1_KCH,
                                   buffer.kc2_KCH if lse == "approx" else None,
