@@ -16,10 +16,7 @@
 // k slots per row, R rows per group, M packed rows, L keys of a run.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -205,20 +202,11 @@ void run_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const scalar_t* vp = vc.data_ptr<scalar_t>();
   const int32_t* ip = ic.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
-  const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), int(items)));
-#pragma omp parallel num_threads(nthreads)
-  {
-    Workspace ws;
-    const int mkl_prev = MKL_Set_Num_Threads_Local(1);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < items; ++w) {
-      // Late (expensive) groups first, for the dynamic schedule's balance.
-      const int64_t kh = w % K, grp = last - w / K;
-      group_forward(qp, kp, vp, ip, op, N, K, T, S, H, slots, block_size, q_offset, rows,
-                    max_keys, float(scale), kh, grp, ws);
-    }
-    MKL_Set_Num_Threads_Local(mkl_prev);
-  }
+  // Late (expensive) groups first, for the dynamic schedule's balance.
+  minicpm4_mkl::parallel_items<Workspace>(items, [&](int64_t w, Workspace& ws) {
+    group_forward(qp, kp, vp, ip, op, N, K, T, S, H, slots, block_size, q_offset, rows,
+                  max_keys, float(scale), w % K, last - w / K, ws);
+  });
 }
 
 at::Tensor sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

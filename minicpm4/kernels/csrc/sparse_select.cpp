@@ -14,10 +14,7 @@
 // keys, nb blocks, R rows per tile, M = R * G packed rows.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -153,19 +150,11 @@ at::Tensor select_forward(const at::Tensor& q, const at::Tensor& kc1, const at::
   int32_t* op = out.data_ptr<int32_t>();
   const int64_t tiles = (T + rows - 1) / rows, items = K * tiles;
   const float scale = 1.f / std::sqrt(float(H));
-  const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), int(items)));
-#pragma omp parallel num_threads(nthreads)
-  {
-    Workspace ws;
-    const int mkl_prev = MKL_Set_Num_Threads_Local(1);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < items; ++w) {
-      const int64_t kh = w % K, tile = tiles - 1 - w / K;  // late tiles (most keys) first
-      tile_select(qp, k1p, k2p, op, N, K, T, H, kc1.size(1), kc2.size(1), nb, q_offset, p,
-                  scale, kh, tile * rows, rows, ws);
-    }
-    MKL_Set_Num_Threads_Local(mkl_prev);
-  }
+  // Late tiles (most keys) first, for the dynamic schedule's balance.
+  minicpm4_mkl::parallel_items<Workspace>(items, [&](int64_t w, Workspace& ws) {
+    tile_select(qp, k1p, k2p, op, N, K, T, H, kc1.size(1), kc2.size(1), nb, q_offset, p, scale,
+                w % K, (tiles - 1 - w / K) * rows, rows, ws);
+  });
   return out;
 }
 
