@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2 import stage2_cpp
+from minicpm4.kernels import cpu_ext
 from minicpm4.kernels.infllm_v2.select_cpp import select_blocks_fast, select_decode_fast
 from minicpm4.kernels.infllm_v2.selection import CompressedKeyBuffer, select_blocks_chunked
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
@@ -160,7 +160,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; one layer: {N} query heads "
           f"/ {K} KV head, head dim {H}, fp32; {params}; C++ kernels: "
-          f"{'yes' if stage2_cpp.available(torch.zeros(1), torch.zeros(1), torch.zeros(1)) else 'NO'}")
+          f"{'yes' if cpu_ext.load('sparse_attn') and cpu_ext.load('sparse_select') else 'NO'}")
     t_start, rows = time.perf_counter(), []
     for L in [int(x) for x in args.lengths.split(",")]:
         row = run_length(L, params, args)

@@ -50,7 +50,12 @@ def cache_dir() -> Path:
 
 
 def load(name: str) -> bool:
-    """Build (once) and load `csrc/<name>.cpp`; True when its ops are registered."""
+    """Build (once) and load `csrc/<name>.cpp`; True when its ops are registered.
+
+    Dispatchers call this on every op, so a known answer is returned without the lock."""
+    state = _STATE.get(name)
+    if state is not None:
+        return state
     with _LOCK:
         if name in _STATE:
             return _STATE[name]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicpm4.kernels import skinny_linear
+from minicpm4.kernels import needs_grad, skinny_linear
 
 TRAINING_KERNELS = os.environ.get("MINICPM4_TRAINING_KERNELS", "1") != "0"
 """Use the fused training path (module docstring) when gradients are needed."""
@@ -26,7 +26,7 @@ TRAINING_KERNELS = os.environ.get("MINICPM4_TRAINING_KERNELS", "1") != "0"
 def needs_training_kernels(*tensors: torch.Tensor) -> bool:
     """True when autograd will differentiate through an op on `tensors` (and the fused
     training path is on)."""
-    return TRAINING_KERNELS and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return TRAINING_KERNELS and needs_grad(*tensors)
 
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) \

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minicpm4.kernels import cpu_ext
+from minicpm4.kernels import cpu_ext, needs_grad
 
 SKINNY_LINEAR = True
 """Module switch (tests and benchmarks turn it off to compare with `F.linear`)."""
@@ -51,8 +51,7 @@ def available() -> bool:
     """True when the C++ op is built and loaded and the kernel is switched on."""
     if not (SKINNY_LINEAR and cpu_ext.enabled()):
         return False
-    state = cpu_ext._STATE.get(_EXT)  # after the first call: no lock taken
-    return cpu_ext.load(_EXT) if state is None else state
+    return cpu_ext.load(_EXT)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -65,8 +64,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         return False
     if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_contiguous():
         return False  # tensor subclasses (quantised / DTensor weights) keep their own linear
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
+    if needs_grad(x, weight, bias):
         return False
     K = x.shape[-1]
     if K != weight.shape[1] or K == 0 or x.numel() // K > MAX_ROWS:

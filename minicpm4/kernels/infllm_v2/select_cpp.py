@@ -19,9 +19,9 @@ import torch
 
 from minicpm4.kernels import cpu_ext
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, _check_lse, _prepare,
-                                                  check_decode, compress_keys,
-                                                  select_blocks_chunked, select_blocks_decode)
+from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, _prepare, check_decode,
+                                                  compress_keys, select_blocks_chunked,
+                                                  select_blocks_decode)
 
 ROWS = 16
 """Query tokens per work item: M = ROWS * G packed rows share each compressed-key load."""
@@ -33,8 +33,7 @@ def available(q: torch.Tensor) -> bool:
 
 def _run(q_NTH, kc1_KCH, kc2_KCH, *, q_offset: int, num_keys: int, params: SparseParams,
          lse: str) -> torch.Tensor:
-    _check_lse(lse)
-    approx = lse == "approx"
+    approx = lse == "approx"  # lse is checked by the callers (_prepare / check_decode)
     kc2 = kc2_KCH if approx and kc2_KCH is not None else kc1_KCH[:, :0]
     return torch.ops.minicpm4_sparse_select.forward(
         q_NTH.float().contiguous(), kc1_KCH.float().contiguous(), kc2.float().contiguous(),
@@ -51,10 +50,10 @@ def select_blocks_cpp(q_NTH: torch.Tensor, k_KSH: torch.Tensor, *, q_offset: int
     if not cpu_ext.load("sparse_select"):
         raise RuntimeError("the C++ InfLLM v2 selection kernel is not available (see warnings)")
     with torch.no_grad():
-        _check_lse(lse)
         q_NTH, k_KSH = _prepare(q_NTH, k_KSH, q_offset, params, lse, k_nope_KSH, q_nope_NTH)
-        kc1_KCH = compress_keys(k_KSH.float(), params.kernel_size, params.kernel_stride)
-        kc2_KCH = (compress_keys(k_KSH.float(), params.coarse_kernel, params.coarse_stride)
+        k_KSH = k_KSH.float()
+        kc1_KCH = compress_keys(k_KSH, params.kernel_size, params.kernel_stride)
+        kc2_KCH = (compress_keys(k_KSH, params.coarse_kernel, params.coarse_stride)
                    if lse == "approx" else None)
         return _run(q_NTH, kc1_KCH, kc2_KCH, q_offset=q_offset, num_keys=k_KSH.shape[1],
                     params=params, lse=lse)

@@ -6,8 +6,8 @@ are packed (all G heads of the group as the M dimension, as in the CUDA kernel o
 multiplied with that block's keys, and a per-row online softmax streams the blocks, so no
 union of selections is scored and no K/V is copied. Consecutive blocks picked by the same rows
 (the sink and the local window, for every row) run as one wider product. Forward only, fp32
-math; bf16 inputs are read as bf16 and converted block by block. The oracle is `stage2.sparse_attention_reference`
-(tests/kernels/test_infllm_v2_cpp.py); `stage2.sparse_attention` takes this path for CPU
+math; bf16 inputs are read as bf16 and converted block by block. The oracle is
+`stage2.sparse_attention_reference` (tests/kernels/test_infllm_v2_cpp.py); `stage2.sparse_attention` takes this path for CPU
 inference whenever the kernel is available.
 Shape legend: N query heads, K kv heads, T queries, S keys, H head dim, k slots.
 """
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from minicpm4.kernels import cpu_ext
+from minicpm4.kernels import cpu_ext, needs_grad
 
 ROWS = 128
 """Query rows per work item (at most 256). More rows reuse each loaded key block for more
@@ -33,8 +33,8 @@ at least one block (256 KiB measured 2-3% slower at 64 rows)."""
 
 def available(q_NTH: torch.Tensor, k_KSH: torch.Tensor, v_KSH: torch.Tensor) -> bool:
     """True when this call can use the C++ kernel: CPU, no autograd, kernel built."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_NTH, k_KSH, v_KSH))
-    return (q_NTH.device.type == "cpu" and not needs_grad and cpu_ext.load("sparse_attn"))
+    return (q_NTH.device.type == "cpu" and not needs_grad(q_NTH, k_KSH, v_KSH)
+            and cpu_ext.load("sparse_attn"))
 
 
 def sparse_attention_cpp_one(q_NTH: torch.Tensor, k_KSH: torch.Tensor, v_KSH: torch.Tensor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from minicpm4.kernels import needs_grad
 from minicpm4.kernels.infllm_v2.stage2_common import _check_all, _selection
 
 _FLEX: dict = {}  # the compiled flex_attention; torch.compile keeps one graph per shape
@@ -70,7 +71,6 @@ def sparse_attention_flex(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int,
     nb, Qf = -(-S // block_size), -(-T // block_size)
     sel_BKTb = torch.stack([_selection(i, nb, block_size, q_offset) for i in idx])
     sel_BKTb = torch.nn.functional.pad(sel_BKTb, (0, 0, 0, Qf * block_size - T)).contiguous()
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bm = flex_block_mask(sel_BKTb, N, T, S, block_size, q_offset, backward)
+    bm = flex_block_mask(sel_BKTb, N, T, S, block_size, q_offset, needs_grad(q, k, v))
     out = compiled_flex()(q, k, v, block_mask=bm, enable_gqa=N != K)
     return out if batch else out[0]
