@@ -25,7 +25,8 @@ ROWS = 128
 queries (a bigger M per sgemm); fewer rows give more, smaller work items. Stage 2 alone, 2
 threads, N=16/K=1/H=128, selections from random q/k: 64K took 21.8 / 20.8 / 22.7 s with
 64 / 128 / 256 rows; 32K 10.2 s with 64 rows, 11.8 s with 16; 16K 4.3 / 4.6 / 6.2 s with
-64 / 16 / 4 rows."""
+64 / 16 / 4 rows. The 64K figures are from the probe `benchmarks/sparse_stage2_rows.py`; the
+32K/16K ones from an earlier ad-hoc version of it that selected with the PyTorch path."""
 MAX_KEY_FLOATS = 1 << 18
 """Score tile budget: a run of blocks is cut so that M x L fp32 scores stay within 1 MiB,
 at least one block (256 KiB measured 2-3% slower at 64 rows)."""
