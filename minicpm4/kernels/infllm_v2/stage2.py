@@ -305,11 +305,12 @@ def sparse_attention(q_NTH, k_KSH, v_KSH, idx_KTk, *, block_size: int, q_offset:
 
     Accepts per-sequence tensors q [N, T, H], k/v [K, S, H], idx [K, T, k] or the same with a
     leading batch dim. "auto" is "masked" for CPU training rows up to MASKED_MAX_SCORES,
-    "cpp" for inference on CPU when the C++ kernel is built, else "gather". The C++ kernel at
-    32K (same geometry as below, 2 threads, selection from random q/k): 10.2 s against dense
-    causal SDPA's 27.0 s; the gather path took ~41 s (`benchmarks/sparse_attention.py`).
-    Earlier, gather against flex, measured with `benchmarks/sparse_stage2_probe.py` on this 2-core CPU at N=16, K=1, H=128, fp32,
-    block 64, 96 blocks/query (steady state; compile excluded):
+    "cpp" for inference on CPU when the C++ kernel is built, else "gather". At 32K (same
+    geometry as below, 2 threads, `benchmarks/sparse_attention.py`, idle machine) selection +
+    C++ stage 2 took 11.69 s against dense causal SDPA's 29.42 s; at 16K the pure-PyTorch
+    path (chunked selection + gather) was 3.65x slower than ours (a contended run). Earlier,
+    gather against flex, measured with `benchmarks/sparse_stage2_probe.py` on this 2-core CPU
+    at N=16, K=1, H=128, fp32, block 64, 96 blocks/query (steady state; compile excluded):
       8K, 1 thread (60.4 of 64.5 causal blocks): gather 5.0 s, flex 4.6 s, dense SDPA 3.9 s;
       8K, 1 thread, 24 blocks/query (21.8 of 64.5): gather 1.9-2.1 s, flex 1.8 s;
       16K, 2 threads, another process busy on both cores: flex 11.2 s, dense 14.1 s, and
