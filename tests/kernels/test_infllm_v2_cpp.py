@@ -32,6 +32,21 @@ def _inputs(N, K, T, off, H, bs, k, seed=0, dtype=torch.float32):
     return q, kk, v, idx
 
 
+@pytest.fixture(params=[True, False], ids=["avx512", "mkl"])
+def path(request, monkeypatch):
+    """Both inner loops of stage 2: the AVX-512 tiles (where built) and the MKL sgemms."""
+    monkeypatch.setattr(stage2_cpp, "AVX512", request.param)
+    return request.param
+
+
+def test_avx512_path_is_built_where_the_cpu_has_it() -> None:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    has = torch.ops.minicpm4_sparse_attn.has_avx512_path
+    assert has(128) == ("avx512f" in flags) and has(64) == has(16) == has(256) == has(128)
+    assert not has(8) and not has(48)
+
+
 @pytest.mark.parametrize("N,K,T,off,H,bs,k,rows", [
     (4, 2, 50, 0, 16, 8, 3, None),
     (8, 1, 40, 30, 32, 16, 4, 1),
@@ -41,15 +56,18 @@ def _inputs(N, K, T, off, H, bs, k, seed=0, dtype=torch.float32):
     (8, 8, 33, 5, 16, 16, 4, 4),       # G = 1
     (4, 1, 300, 50, 16, 16, 6, 100),   # groups spanning several query blocks, two mask words
     (4, 2, 600, 0, 16, 8, 9, 256),     # four mask words
+    (16, 1, 300, 200, 128, 64, 7, 128),  # MiniCPM4-8B's geometry (G = 16, H = 128), prepared K^T
+    (16, 1, 1, 700, 128, 64, 7, None),   # ... one decode step (per-chunk K^T)
+    (4, 1, 280, 0, 48, 16, 5, 64),     # H = 48: MKL path even when AVX-512 is asked for
 ])
-def test_stage2_equals_reference(N, K, T, off, H, bs, k, rows) -> None:
+def test_stage2_equals_reference(N, K, T, off, H, bs, k, rows, path) -> None:
     q, kk, v, idx = _inputs(N, K, T, off, H, bs, k)
     out = stage2_cpp.sparse_attention_cpp_one(q, kk, v, idx, bs, off, rows)
     ref = sparse_attention_reference(q, kk, v, idx, block_size=bs, q_offset=off)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_stage2_full_topk_equals_dense_and_empty_rows_are_zero() -> None:
+def test_stage2_full_topk_equals_dense_and_empty_rows_are_zero(path) -> None:
     q, kk, v, _ = _inputs(4, 1, 100, 0, 16, 16, 1)
     all_KTk = torch.arange(7, dtype=torch.int32).expand(1, 100, 7)
     dense = torch.nn.functional.scaled_dot_product_attention(q, kk.expand(4, -1, -1),
@@ -60,14 +78,16 @@ def test_stage2_full_topk_equals_dense_and_empty_rows_are_zero() -> None:
     assert sparse_attention(q, kk, v, none, block_size=16, backend="cpp").abs().max() == 0
 
 
-def test_stage2_bf16_and_batch() -> None:
-    q, kk, v, idx = _inputs(8, 2, 60, 20, 32, 16, 4, dtype=torch.bfloat16)
+@pytest.mark.parametrize("T,off", [(60, 20), (300, 20), (1, 90)])
+def test_stage2_bf16_and_batch(T, off, path) -> None:
+    q, kk, v, idx = _inputs(8, 2, T, off, 32, 16, 4, dtype=torch.bfloat16)
     out = sparse_attention(q[None].expand(2, -1, -1, -1), kk[None].expand(2, -1, -1, -1),
                            v[None].expand(2, -1, -1, -1), idx[None].expand(2, -1, -1, -1),
-                           block_size=16, q_offset=20, backend="cpp")
-    ref = sparse_attention_reference(q, kk, v, idx, block_size=16, q_offset=20)
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 60, 32)
-    torch.testing.assert_close(out[1], ref, rtol=1e-2, atol=1e-2)
+                           block_size=16, q_offset=off, backend="cpp")
+    ref = sparse_attention_reference(q.float(), kk.float(), v.float(), idx, block_size=16,
+                                     q_offset=off)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, T, 32)
+    torch.testing.assert_close(out[1].float(), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_auto_uses_cpp_for_inference_only(monkeypatch) -> None:
@@ -139,6 +159,7 @@ SMALL = SparseParams(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=
     (16, 2, 200, 500, 32, SMALL.replace(init_blocks=2, window_size=16, topk=5)),  # G = 8
     (16, 1, 1500, 0, 64, SparseParams(kernel_size=32, kernel_stride=16, block_size=64,
                                       window_size=256, topk=8)),
+    (4, 1, 1400, 300, 16, SMALL.replace(topk=6)),  # > 256 Kc1 keys: chunked approx pass
 ])
 def test_selection_equals_pytorch(N, K, T, off, H, p, lse) -> None:
     g = torch.Generator().manual_seed(1)

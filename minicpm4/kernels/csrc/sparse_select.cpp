@@ -59,13 +59,90 @@ struct Workspace {
   std::vector<int32_t> order;
 };
 
+// Compressed keys per chunk of the fused approximate-LSE pass: the tile's [M, kCols] scores
+// stay in L2 while they are exponentiated (a [M, C1] score tile of 4 MiB at 64K did not).
+constexpr int64_t kCols = 256;
+
+// Columns of S that can change a non-forced block's score for a row in block q_blk: blocks
+// up to q_blk - local_blocks - 1 read keys below ps * (q_blk - local_blocks).
+inline int64_t needed_cols(int64_t q_blk, const Params& p) {
+  return std::max<int64_t>(p.ps * (q_blk - p.local_blocks), 0);
+}
+
+// S[r, 0:C1) for every row of the tile: sum over the G heads of exp(logit - lse) over the
+// visible keys (0 elsewhere). Exact LSE: one [M, used1] product, the LSE over its visible
+// part. Approximate LSE: the LSE from Kc2 first, then Kc1 in chunks of kCols keys, each
+// exponentiated while in cache, and only up to the keys a non-forced block reads (the
+// scores of forced blocks are +inf whatever S is).
+void tile_scores(const float* kc1_CH, const float* kc2_CH, int64_t G, int64_t H, int64_t C1,
+                 int64_t C2, int64_t q_offset, const Params& p, int64_t t0, int64_t rows,
+                 Workspace& ws) {
+  const int64_t M = rows * G, first = q_offset + t0, last = first + rows - 1;
+  const int64_t used1 = num_visible(last, p.kernel, p.stride, C1);
+  const int64_t used2 = p.approx ? num_visible(last, p.ckernel, p.cstride, C2) : 0;
+  ws.s.assign(std::max<int64_t>(rows * C1, 1), 0.f);
+  if (used2 > 0) {
+    ws.l2.resize(M * used2);
+    gemm_nt(int(M), int(used2), int(H), ws.q.data(), int(H), kc2_CH, int(H), ws.l2.data(),
+            int(used2));
+  }
+  // A row that sees no coarse key takes the exact LSE (as the Python selection does).
+  const bool chunked = p.approx && num_visible(first, p.ckernel, p.cstride, C2) > 0;
+  if (!chunked) {
+    ws.l1.resize(std::max<int64_t>(M * used1, 1));
+    if (used1 > 0)
+      gemm_nt(int(M), int(used1), int(H), ws.q.data(), int(H), kc1_CH, int(H), ws.l1.data(),
+              int(used1));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n1 = num_visible(first + r, p.kernel, p.stride, C1);
+      const int64_t n2 = p.approx ? num_visible(first + r, p.ckernel, p.cstride, C2) : 0;
+      float* s = ws.s.data() + r * C1;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* l1 = ws.l1.data() + (r * G + g) * used1;
+        float lse = n2 > 0 ? lse_of(ws.l2.data() + (r * G + g) * used2, n2) : lse_of(l1, n1);
+        if (lse == -kInf) lse = 0.f;
+#pragma omp simd
+        for (int64_t j = 0; j < n1; ++j) s[j] += std::exp(l1[j] - lse);
+      }
+    }
+    return;
+  }
+  ws.lse.resize(M);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n2 = num_visible(first + r, p.ckernel, p.cstride, C2);
+    for (int64_t g = 0; g < G; ++g) {
+      const float lse = lse_of(ws.l2.data() + (r * G + g) * used2, n2);
+      ws.lse[r * G + g] = lse == -kInf ? 0.f : lse;
+    }
+  }
+  const int64_t cols = std::min(used1, needed_cols(last / p.bs, p));
+  ws.l1.resize(M * kCols);
+  for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
+    const int64_t nc = std::min(kCols, cols - c0);
+    gemm_nt(int(M), int(nc), int(H), ws.q.data(), int(H), kc1_CH + c0 * H, int(H),
+            ws.l1.data(), int(nc));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first + r;
+      const int64_t n1 = std::min(num_visible(pos, p.kernel, p.stride, C1),
+                                  needed_cols(pos / p.bs, p));
+      const int64_t hi = std::min(n1, c0 + nc) - c0;
+      if (hi <= 0) continue;
+      float* s = ws.s.data() + r * C1 + c0;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* l1 = ws.l1.data() + (r * G + g) * nc;
+        const float lse = ws.lse[r * G + g];
+#pragma omp simd
+        for (int64_t j = 0; j < hi; ++j) s[j] += std::exp(l1[j] - lse);
+      }
+    }
+  }
+}
+
 void tile_select(const float* q_NTH, const float* kc1_KCH, const float* kc2_KCH,
                  int32_t* out_KTw, int64_t N, int64_t K, int64_t T, int64_t H, int64_t C1,
                  int64_t C2, int64_t nb, int64_t q_offset, const Params& p, float scale,
                  int64_t kh, int64_t t0, int64_t R, Workspace& ws) {
   const int64_t G = N / K, t1 = std::min(t0 + R, T), rows = t1 - t0, M = rows * G;
-  const int64_t used1 = num_visible(q_offset + t1 - 1, p.kernel, p.stride, C1);
-  const int64_t used2 = p.approx ? num_visible(q_offset + t1 - 1, p.ckernel, p.cstride, C2) : 0;
   ws.q.resize(M * H);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < G; ++g) {
@@ -73,32 +150,13 @@ void tile_select(const float* q_NTH, const float* kc1_KCH, const float* kc2_KCH,
       float* dst = ws.q.data() + (r * G + g) * H;
       for (int64_t h = 0; h < H; ++h) dst[h] = src[h] * scale;
     }
-  ws.l1.resize(std::max<int64_t>(M * used1, 1));
-  if (used1 > 0)
-    gemm_nt(int(M), int(used1), int(H), ws.q.data(), int(H), kc1_KCH + kh * C1 * H, int(H),
-            ws.l1.data(), int(used1));
-  if (used2 > 0) {
-    ws.l2.resize(M * used2);
-    gemm_nt(int(M), int(used2), int(H), ws.q.data(), int(H), kc2_KCH + kh * C2 * H, int(H),
-            ws.l2.data(), int(used2));
-  }
-  ws.s.resize(std::max<int64_t>(C1, 1));
+  tile_scores(kc1_KCH + kh * C1 * H, kc2_KCH + kh * C2 * H, G, H, C1, C2, q_offset, p, t0,
+              rows, ws);
   ws.blk.resize(nb);
   ws.order.resize(nb);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = q_offset + t0 + r;
-    const int64_t n1 = num_visible(pos, p.kernel, p.stride, C1);
-    const int64_t n2 = p.approx ? num_visible(pos, p.ckernel, p.cstride, C2) : 0;
-    // S over the visible keys, summed over the group's heads; invisible keys score 0.
-    float* s = ws.s.data();
-    std::fill(s, s + C1, 0.f);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* l1 = ws.l1.data() + (r * G + g) * used1;
-      float lse = n2 > 0 ? lse_of(ws.l2.data() + (r * G + g) * used2, n2) : lse_of(l1, n1);
-      if (lse == -kInf) lse = 0.f;
-#pragma omp simd
-      for (int64_t j = 0; j < n1; ++j) s[j] += std::exp(l1[j] - lse);
-    }
+    const float* s = ws.s.data() + r * C1;
     // Block scores: max-pool, then forced and future blocks.
     const int64_t q_blk = pos / p.bs;
     float* blk = ws.blk.data();

@@ -1,10 +1,11 @@
 """InfLLM v2 stage 2 through the fused C++ CPU kernel (spec §2.2 step 6, §2.4; issue 4).
 
 `csrc/sparse_attn.cpp` (built on first use by `kernels/cpu_ext.py`) computes, per KV head
-and group of R query rows, only the keys each row selected: the rows that picked a key block
-are packed (all G heads of the group as the M dimension, as in the CUDA kernel of §2.2) and
-multiplied with that block's keys, and a per-row online softmax streams the blocks, so no
-union of selections is scored and no K/V is copied. Consecutive blocks picked by the same rows
+and group of R query rows, only the keys each row selected: all G heads of a row share its
+blocks (the M dimension of the products, as in the CUDA kernel of §2.2), either row by row
+against 64-key chunks in AVX-512 register tiles or packed per block into MKL sgemms
+(`AVX512`), and a per-row online softmax streams the blocks, so no union of selections is
+scored and no K/V is copied. Consecutive blocks picked by the same rows
 (the sink and the local window, for every row) run as one wider product. Forward only, fp32
 math; bf16 inputs are read as bf16 and converted block by block. The oracle is
 `stage2.sparse_attention_reference` (tests/kernels/test_infllm_v2_cpp.py); `stage2.sparse_attention` takes this path for CPU
@@ -26,7 +27,14 @@ queries (a bigger M per sgemm); fewer rows give more, smaller work items. Stage 
 threads, N=16/K=1/H=128, selections from random q/k: 64K took 21.8 / 20.8 / 22.7 s with
 64 / 128 / 256 rows; 32K 10.2 s with 64 rows, 11.8 s with 16; 16K 4.3 / 4.6 / 6.2 s with
 64 / 16 / 4 rows. The 64K figures are from the probe `benchmarks/sparse_stage2_rows.py`; the
-32K/16K ones from an earlier ad-hoc version of it that selected with the PyTorch path."""
+32K/16K ones from an earlier ad-hoc version of it that selected with the PyTorch path. All
+of these are the MKL path; on the AVX-512 path the count matters little (an ad-hoc probe over
+the last 4,096 queries of 64K: 1.30-1.36 s for 32, 64, 128 and 256 rows)."""
+AVX512 = True
+"""Take the register-tiled AVX-512 inner loops (`csrc/sparse_attn_avx512.h`: each selecting
+row against 64-key chunks, no per-run packing) where the build has AVX-512 and the head dim is
+16, 32, 64, 128 or 256; False: the MKL path (rows packed per run into sgemms) everywhere.
+Tests run both."""
 MAX_KEY_FLOATS = 1 << 18
 """Score tile budget: a run of blocks is cut so that M x L fp32 scores stay within 1 MiB,
 at least one block (256 KiB measured 2-3% slower at 64 rows)."""
@@ -58,5 +66,5 @@ def sparse_attention_cpp_one(q_NTH: torch.Tensor, k_KSH: torch.Tensor, v_KSH: to
     out_NTH = torch.ops.minicpm4_sparse_attn.forward(
         q_NTH.to(dt).contiguous(), k_KSH.to(dt).contiguous(), v_KSH.to(dt).contiguous(),
         idx_KTk.to(torch.int32).contiguous(), block_size, q_offset, R, max_keys,
-        1.0 / math.sqrt(H))
+        1.0 / math.sqrt(H), AVX512)
     return out_NTH.to(q_NTH.dtype)
