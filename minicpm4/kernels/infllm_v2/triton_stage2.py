@@ -87,27 +87,44 @@ def _visible(blk, keys, pos, pos_max, r_ok, BITS, bit_rows, W, RT: tl.constexpr)
 
 
 @triton.jit
-def _fwd_kernel(Q, Kp, V, IDX, CNT, BITS, O, LSE, N, K, T, S, KT, W, q_offset, qk_scale,
-                G: tl.constexpr, BLOCK_G: tl.constexpr, RT: tl.constexpr, H: tl.constexpr,
-                BS: tl.constexpr, UPCAST: tl.constexpr):
+def _query_tile(Q, CNT, T, N, K, q_offset, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                RT: tl.constexpr, H: tl.constexpr):
+    """The program's query rows (RT tokens x G heads), their positions, their q [rows, H],
+    and where their shared block list starts (sel) and how long it is (cnt)."""
     kh, bz, tok, r_ok, rows = _tile(T, N, G, BLOCK_G, RT)
     pos = q_offset + tok
     pos_max = q_offset + tl.minimum(tl.program_id(0) * RT + RT, T) - 1
     offs_h = tl.arange(0, H)
-    offs_n = tl.arange(0, BS)
     rh = rows[:, None] * H + offs_h[None, :]
     q = tl.load(Q + rh, mask=r_ok[:, None], other=0.0)
     bk = (bz * K + kh).to(tl.int64)
     sel = bk * tl.cdiv(T, RT) + tl.program_id(0)
     cnt = tl.load(CNT + sel)
+    return tok, r_ok, rows, pos, pos_max, offs_h, rh, q, bk, sel, cnt
+
+
+@triton.jit
+def _block_keys(IDX, sel, s, bk, S, pos_max, offs_h, KT, H: tl.constexpr, BS: tl.constexpr):
+    """The s-th selected block of a tile: its id, key positions, which keys exist for the
+    tile (<= its last position) and the K/V offsets of its rows."""
+    blk = tl.load(IDX + sel * KT + s)
+    keys = blk * BS + tl.arange(0, BS)
+    k_ok = (keys <= pos_max)[:, None]
+    kv = (bk * S + keys)[:, None] * H + offs_h[None, :]
+    return blk, keys, k_ok, kv
+
+
+@triton.jit
+def _fwd_kernel(Q, Kp, V, IDX, CNT, BITS, O, LSE, N, K, T, S, KT, W, q_offset, qk_scale,
+                G: tl.constexpr, BLOCK_G: tl.constexpr, RT: tl.constexpr, H: tl.constexpr,
+                BS: tl.constexpr, UPCAST: tl.constexpr):
+    tok, r_ok, rows, pos, pos_max, offs_h, rh, q, bk, sel, cnt = _query_tile(
+        Q, CNT, T, N, K, q_offset, G, BLOCK_G, RT, H)
     m_i = tl.full([RT * BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([RT * BLOCK_G], tl.float32)
     acc = tl.zeros([RT * BLOCK_G, H], tl.float32)
     for s in range(0, cnt):
-        blk = tl.load(IDX + sel * KT + s)
-        keys = blk * BS + offs_n
-        k_ok = (keys <= pos_max)[:, None]
-        kv = (bk * S + keys)[:, None] * H + offs_h[None, :]
+        blk, keys, k_ok, kv = _block_keys(IDX, sel, s, bk, S, pos_max, offs_h, KT, H, BS)
         k = tl.load(Kp + kv, mask=k_ok, other=0.0)
         vis = _visible(blk, keys, pos, pos_max, r_ok, BITS, bk * T + tok, W, RT)
         qk = tl.where(vis, _mm(q, tl.trans(k), UPCAST) * qk_scale, float("-inf"))
@@ -131,25 +148,14 @@ def _fwd_kernel(Q, Kp, V, IDX, CNT, BITS, O, LSE, N, K, T, S, KT, W, q_offset, q
 def _dq_kernel(Q, Kp, V, IDX, CNT, BITS, DO, LSE, DELTA, DQ, N, K, T, S, KT, W, q_offset,
                qk_scale, sm_scale, G: tl.constexpr, BLOCK_G: tl.constexpr, RT: tl.constexpr,
                H: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr):
-    kh, bz, tok, r_ok, rows = _tile(T, N, G, BLOCK_G, RT)
-    pos = q_offset + tok
-    pos_max = q_offset + tl.minimum(tl.program_id(0) * RT + RT, T) - 1
-    offs_h = tl.arange(0, H)
-    offs_n = tl.arange(0, BS)
-    rh = rows[:, None] * H + offs_h[None, :]
-    q = tl.load(Q + rh, mask=r_ok[:, None], other=0.0)
+    tok, r_ok, rows, pos, pos_max, offs_h, rh, q, bk, sel, cnt = _query_tile(
+        Q, CNT, T, N, K, q_offset, G, BLOCK_G, RT, H)
     do = tl.load(DO + rh, mask=r_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + rows, mask=r_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + rows, mask=r_ok, other=0.0)
-    bk = (bz * K + kh).to(tl.int64)
-    sel = bk * tl.cdiv(T, RT) + tl.program_id(0)
-    cnt = tl.load(CNT + sel)
     dq = tl.zeros([RT * BLOCK_G, H], tl.float32)
     for s in range(0, cnt):
-        blk = tl.load(IDX + sel * KT + s)
-        keys = blk * BS + offs_n
-        k_ok = (keys <= pos_max)[:, None]
-        kv = (bk * S + keys)[:, None] * H + offs_h[None, :]
+        blk, keys, k_ok, kv = _block_keys(IDX, sel, s, bk, S, pos_max, offs_h, KT, H, BS)
         k = tl.load(Kp + kv, mask=k_ok, other=0.0)
         v = tl.load(V + kv, mask=k_ok, other=0.0)
         vis = _visible(blk, keys, pos, pos_max, r_ok, BITS, bk * T + tok, W, RT)
