@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from minicpm4.kernels.infllm_v2.params import SparseParams
 from minicpm4.kernels import cpu_ext
 from minicpm4.kernels.infllm_v2.select_cpp import select_blocks_fast, select_decode_fast
-from minicpm4.kernels.infllm_v2.selection import CompressedKeyBuffer, select_blocks_chunked
+from minicpm4.kernels.infllm_v2.decode_selection import CompressedKeyBuffer
+from minicpm4.kernels.infllm_v2.selection import select_blocks_chunked
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
 
 N, K, H = 16, 1, 128

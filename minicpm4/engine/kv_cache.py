@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from minicpm4.kernels.infllm_v2.api import SparseLayerState
-from minicpm4.kernels.infllm_v2.selection import CompressedKeyBuffer
+from minicpm4.kernels.infllm_v2.decode_selection import CompressedKeyBuffer
 from minicpm4.model.config import ModelConfig
 
 

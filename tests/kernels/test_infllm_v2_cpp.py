@@ -8,9 +8,9 @@ import torch
 from minicpm4.kernels import cpu_ext
 from minicpm4.kernels.infllm_v2 import select_cpp, stage2_cpp
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, block_scores,
-                                                  compress_keys, select_blocks_chunked,
-                                                  select_blocks_decode, stage1_scores)
+from minicpm4.kernels.infllm_v2.decode_selection import CompressedKeyBuffer, select_blocks_decode
+from minicpm4.kernels.infllm_v2.selection import (block_scores, compress_keys,
+                                                  select_blocks_chunked, stage1_scores)
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention, sparse_attention_reference
 
 

@@ -24,7 +24,8 @@ import torch
 from minicpm4.kernels.attention import attention
 from minicpm4.kernels.infllm_v2.params import SparseParams
 from minicpm4.kernels.infllm_v2.select_cpp import select_blocks_fast, select_decode_fast
-from minicpm4.kernels.infllm_v2.selection import LSE_MODES, CompressedKeyBuffer
+from minicpm4.kernels.infllm_v2.decode_selection import CompressedKeyBuffer
+from minicpm4.kernels.infllm_v2.selection import LSE_MODES
 from minicpm4.kernels.infllm_v2.stage2 import sparse_attention
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 
 from minicpm4.kernels import cpu_ext
 from minicpm4.kernels.infllm_v2.params import SparseParams
-from minicpm4.kernels.infllm_v2.selection import (CompressedKeyBuffer, _prepare, check_decode,
-                                                  compress_keys, select_blocks_chunked,
-                                                  select_blocks_decode)
+from minicpm4.kernels.infllm_v2.decode_selection import (CompressedKeyBuffer, check_decode,
+                                                         select_blocks_decode)
+from minicpm4.kernels.infllm_v2.selection import _prepare, compress_keys, select_blocks_chunked
 
 ROWS = 16
 """Query tokens per work item: M = ROWS * G packed rows share each compressed-key load."""
