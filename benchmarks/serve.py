@@ -12,6 +12,11 @@ The workload is a seeded mix of prompt lengths and max_tokens (what a server see
 differ); both sides are credited only with the tokens each request asked for. Throughput =
 those tokens / wall time. Every stream is checked: its token count equals the request's
 max_tokens (ignore_eos) and the usage count.
+This VM's speed drifts by up to ~30% within minutes (transformers alone, three runs of the
+same workload in one process: 315, 290, 261 tok/s), so each (model, C) is measured
+`--repeats` times (default 3), ours and transformers alternating and the order flipped every
+repeat; the table shows the median of each side (the ratio is median / median) and a
+`# runs` line lists every measurement.
 
 Prints a table and last  RESULT serve_throughput_c8_vs_c1=<ours C=8 / ours C=1, demo model>.
 Targets: C=8 >= 4x C=1; >= 2x transformers at equal batch.
@@ -19,7 +24,8 @@ Workloads per model (CPU-sized; override with the flags): demo: prompts of 16-12
 max_tokens 16-128, max(8, 3 C) requests; 0.5b: prompts of 8-48, max_tokens 16-48, max(4, 2 C)
 requests.
 Usage: python benchmarks/serve.py [--models demo,0.5b] [--concurrency 1,8,32] [--dtype bfloat16]
-       [--requests-per-slot N] [--min-requests N] [--prompt-len LO,HI] [--max-tokens LO,HI]
+       [--repeats 3] [--requests-per-slot N] [--min-requests N] [--prompt-len LO,HI]
+       [--max-tokens LO,HI]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -175,6 +182,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", default=None, help="LO,HI (default: per model)")
     ap.add_argument("--max-tokens", default=None, help="LO,HI (default: per model)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measurements per side and (model, C), alternating; medians reported")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     concs = [int(c) for c in args.concurrency.split(",")]
@@ -203,8 +212,15 @@ def main() -> None:
             work = workload(max(w["min_requests"], w["requests_per_slot"] * c),
                             model.config.vocab_size, w["prompt_len"], w["max_tokens"],
                             args.seed + c)
-            ours_tps = ours(model, tok, work, c)
-            hf_tps = transformers_static(hf, work, c, pad_id=0)
+            runs = {"ours": [], "hf": []}
+            for rep in range(max(1, args.repeats)):
+                order = ("ours", "hf") if rep % 2 == 0 else ("hf", "ours")
+                for side in order:
+                    runs[side].append(ours(model, tok, work, c) if side == "ours" else
+                                      transformers_static(hf, work, c, pad_id=0))
+            ours_tps, hf_tps = (statistics.median(runs[k]) for k in ("ours", "hf"))
+            print(f"# runs {name} C={c}: ours " + " ".join(f"{x:.1f}" for x in runs["ours"])
+                  + " | HF " + " ".join(f"{x:.1f}" for x in runs["hf"]), flush=True)
             base = base or ours_tps
             print(f"{name:>6} {c:>3} {len(work):>5} {sum(m for _, m in work):>7} "
                   f"{ours_tps:>11.1f} {hf_tps:>9.1f} {ours_tps / hf_tps:>8.2f} "
