@@ -55,6 +55,7 @@ from minicpm4.model.transformer import MiniCPM4ForCausalLM  # noqa: E402
 from minicpm4.serve.launch import ServerThread  # noqa: E402
 from minicpm4.serve.server import build_app  # noqa: E402
 from minicpm4.tokenizer import Tokenizer  # noqa: E402
+from minicpm4.utils.openmp import release_thread_pool  # noqa: E402
 
 
 WORKLOADS = {
@@ -127,6 +128,9 @@ def ours(model: MiniCPM4ForCausalLM, tok: Tokenizer, work, concurrency: int) -> 
     compete with the server for this process's interpreter lock."""
     llm = LLM(model, tok, EngineConfig(max_num_seqs=concurrency))
     llm.generate([work[0][0]], [None])  # warm-up outside the timing (allocations, kernels)
+    # The server runs in a thread here, so AsyncEngine.start() cannot release this (main)
+    # thread's OpenMP pool, as it does under `minicpm4 serve`; do it here (utils/openmp.py).
+    release_thread_pool()
     engine = AsyncEngine(llm, model_name="bench")
     srv = ServerThread(build_app(engine)).start()
     ctx = mp.get_context("spawn")

@@ -1,10 +1,12 @@
 """`AsyncEngine`: the `LLM` step loop on a background thread, streamed to asyncio (issue 5).
 
 The server (`serve/`) only talks to this class. A step that raises ends the requests then in
-flight with `EngineDeadError` (HTTP 503), frees every page and the engine serves on. `generate` is an async iterator of
-`RequestOutput` deltas; leaving it early (the consumer's `aclose()`, or its task being
-cancelled when a client disconnects) aborts the request, which frees its KV pages at the next
-step. The engine thread sleeps while there is no work and wakes on every new request or abort.
+flight with `EngineDeadError` (HTTP 503), frees every page and the engine serves on.
+`generate` is an async iterator of `RequestOutput` deltas; deltas that queued up while the
+consumer was busy are merged into one, so a slow client costs one event per turn instead of
+one per token. Leaving it early (the consumer's `aclose()`, or its task being cancelled when
+a client disconnects) aborts the request, which frees its KV pages at the next step. The
+engine thread sleeps while there is no work and wakes on every new request or abort.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from minicpm4.engine.errors import EngineBusyError, EngineDeadError
 from minicpm4.engine.llm import LLM
 from minicpm4.engine.outputs import RequestOutput
 from minicpm4.engine.request import SamplingParams
+from minicpm4.utils.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._stop = False
         self._accepting = True
+        # This thread (the server's, which usually loaded the model) will not run torch ops
+        # any more: its idle OpenMP workers would make every parallel region of the engine
+        # thread wait for a wake-up (utils/openmp.py).
+        release_thread_pool()
         self._thread = threading.Thread(target=self._run, name="minicpm4-engine", daemon=True)
         self._thread.start()
 
@@ -100,14 +107,23 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._queues[request_id] = queue
         finished = added = False
+        pending = None  # an item taken while coalescing, to be handled next
         try:
             self.llm.add_request(prompt_ids, params, request_id)
             added = True
             self._wake.set()
             while True:
-                item = await queue.get()
+                item, pending = (pending, None) if pending is not None else \
+                    (await queue.get(), None)
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine failed: {item!r}") from item
+                # Deltas that queued up while the consumer was busy go out as one.
+                while not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending = nxt
+                        break
+                    item = item.merged(nxt)
                 finished = item.finished
                 yield item
                 if finished:

@@ -67,3 +67,15 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merged(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by the next one of the same request, as one delta."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return RequestOutput(
+            request_id=self.request_id, new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_text=self.new_text + later.new_text, finish_reason=later.finish_reason,
+            num_prompt_tokens=later.num_prompt_tokens,
+            num_generated_tokens=later.num_generated_tokens, logprobs=logprobs,
+            metrics=later.metrics)

@@ -276,3 +276,46 @@ def test_sequence_token_slices_match_all_ids() -> None:
     for start in range(8):
         for end in range(start, 9):
             assert seq.tokens(start, end) == seq.all_ids[start:end], (start, end)
+
+
+def test_a_slow_consumer_gets_merged_deltas_with_every_token(tiny_model) -> None:
+    """AsyncEngine merges deltas that queued up while the consumer was busy: fewer events,
+    the same tokens, text and logprob entries (one per token), the final one finished."""
+    import asyncio
+
+    from minicpm4.engine.async_engine import AsyncEngine
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    expected = LLM(tiny_model).generate([[5, 6, 7, 8]], [params])[0].token_ids
+
+    async def main():
+        engine = AsyncEngine(LLM(tiny_model, None, EngineConfig(block_size=8,
+                                                                num_kv_blocks=64)))
+        await engine.start()
+        try:
+            deltas = []
+            async for out in engine.generate([5, 6, 7, 8], params, "slow"):
+                deltas.append(out)
+                await asyncio.sleep(0.05)  # the engine runs several steps meanwhile
+            return deltas
+        finally:
+            await engine.shutdown()
+
+    deltas = asyncio.run(main())
+    ids = [t for d in deltas for t in d.new_token_ids]
+    assert ids == expected and len(deltas) < len(expected)
+    assert sum(len(d.logprobs) for d in deltas) == len(ids)
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == ids
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    assert deltas[-1].num_generated_tokens == len(ids) and deltas[-1].metrics is not None
+
+
+def test_merged_deltas() -> None:
+    from minicpm4.engine.outputs import RequestOutput, TokenLogprob
+
+    a = RequestOutput("r", [1, 2], "ab", None, 3, 2)
+    b = RequestOutput("r", [3], "c", "length", 3, 3, logprobs=[TokenLogprob(3, -0.5)])
+    m = a.merged(b)
+    assert (m.new_token_ids, m.new_text, m.finish_reason, m.num_generated_tokens) == \
+        ([1, 2, 3], "abc", "length", 3)
+    assert [e.token_id for e in m.logprobs] == [3] and a.merged(a).logprobs is None
