@@ -70,7 +70,8 @@ def main() -> None:
         model_shapes("demo", load_config(BUNDLED_MODEL / "config.json"))
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, AVX-512 BF16 kernel: "
-          f"{bool(torch.ops.minicpm4_skinny_gemm.has_avx512_bf16())}, cut-over "
+          f"{bool(torch.ops.minicpm4_skinny_gemm.has_avx512_bf16())}, AMX tiles: "
+          f"{bool(torch.ops.minicpm4_skinny_gemm.has_amx())}, cut-over "
           f"{skinny_linear.MAX_ROWS} rows")
     print(f"{'shape':>14} {'N':>6} {'K':>5} {'M':>3} {'bf16 ms':>8} {'ours ms':>8} "
           f"{'fp32 ms':>8} {'bf16 GB/s':>9} {'ours GB/s':>9} {'fp32 GB/s':>9} {'bf16/ours':>9} "

@@ -56,13 +56,38 @@ def test_op_matches_fp32_reference_for_every_row_count(built, op_name) -> None:
                 _assert_bf16_close(op(x, w, bias), _reference(x, w, bias))
 
 
-def test_op_rows_do_not_depend_on_the_batch(built) -> None:
-    """A row's result is the same alone or among others (decode batches stay reproducible)."""
-    x, w, b = _data(13, 300, 45)
+@pytest.mark.parametrize("op_name", ["linear", "linear_avx512"])
+def test_op_amx_shapes_match_fp32_reference(built, op_name) -> None:
+    """K a multiple of 32 and N >= 32: where AMX exists `linear` takes the tile path (full
+    groups of 32 weight rows, the N % 32 rest on AVX-512, one or two column blocks of x);
+    `linear_avx512` is the vector path on the same shapes."""
+    op = getattr(torch.ops.minicpm4_skinny_gemm, op_name)
+    for K, N in ((64, 32), (256, 100), (1024, 70), (96, 45)):
+        for M in (1, 2, 3, 15, 16, 17, 31, 32):
+            x, w, b = _data(M, K, N, seed=M + K)
+            for bias in (None, b):
+                _assert_bf16_close(op(x, w, bias), _reference(x, w, bias))
+
+
+def test_has_amx_reports_the_cpu(built) -> None:
+    ops = torch.ops.minicpm4_skinny_gemm
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if ops.has_amx():
+        assert "amx_bf16" in flags and ops.has_avx512_bf16()
+
+
+@pytest.mark.parametrize("K", [300, 256])
+def test_op_rows_do_not_depend_on_the_batch(built, K) -> None:
+    """A row's result is the same alone or among others (decode batches stay reproducible),
+    on the vector path (K = 300) and on the AMX one where it exists (K = 256, M up to 32)."""
+    x, w, b = _data(32, K, 45)
     op = torch.ops.minicpm4_skinny_gemm.linear
-    full = op(x, w, b)
-    for m in (0, 5, 12):
-        assert torch.equal(op(x[m:m + 1], w, b), full[m:m + 1])
+    for M in (13, 17, 32):
+        full = op(x[:M], w, b)
+        for m in (0, 5, 11):
+            assert torch.equal(op(x[m:m + 1], w, b), full[m:m + 1])
+            assert torch.equal(op(x[m:m + 2], w, b), full[m:m + 2])
 
 
 def test_op_edge_cases(built) -> None:

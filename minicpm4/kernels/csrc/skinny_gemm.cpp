@@ -17,6 +17,8 @@
 // reduced together (a transpose-and-add tree), + bias, rounded to bf16 once.
 // K tails (K % 32) use masked loads (zero-filled lanes add nothing).
 //
+// On CPUs with AMX-BF16, calls with K % 32 == 0 run on the tile unit instead
+// (skinny_gemm_amx.h); `linear_avx512` is this file's vector path on any shape.
 // Without AVX-512 BF16 at compile time (-march=native on another CPU), `linear` runs the
 // portable loop, which is always compiled and also registered as `linear_portable`, so that
 // tests can check it on any machine.
@@ -233,6 +235,8 @@ void run_avx512(const Problem& p) {
 
 #endif  // __AVX512BF16__
 
+#include "skinny_gemm_amx.h"
+
 // ---------------------------------------------------------------- op entry points
 at::Tensor prepare(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                    Problem& p, at::Tensor& x_c, at::Tensor& b_c) {
@@ -274,26 +278,54 @@ bool trivial(const Problem& p, at::Tensor& y, const at::Tensor& b_c) {
   return false;
 }
 
-at::Tensor linear_portable(const at::Tensor& x, const at::Tensor& w,
-                           const c10::optional<at::Tensor>& bias) {
-  Problem p;
-  at::Tensor x_c, b_c;
-  at::Tensor y = prepare(x, w, bias, p, x_c, b_c);
-  if (!trivial(p, y, b_c)) run_portable(p);
-  return y;
-}
+enum class Path { kBest, kVector, kPortable };
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// kBest: AMX tiles where usable, else the AVX-512 BF16 vector path, else the portable loop;
+// kVector skips the tiles (tests and benchmarks compare the paths).
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+               Path path) {
   Problem p;
   at::Tensor x_c, b_c;
   at::Tensor y = prepare(x, w, bias, p, x_c, b_c);
   if (trivial(p, y, b_c)) return y;
+  if (path == Path::kPortable) {
+    run_portable(p);
+    return y;
+  }
+#if defined(SKINNY_HAVE_AMX)
+  if (path == Path::kBest && amx::usable(p)) {
+    amx::run(p, [&](int64_t t0, int64_t t1) { avx512_tiles(p, t0, t1); });
+    return y;
+  }
+#endif
 #if defined(__AVX512BF16__)
   run_avx512(p);
 #else
   run_portable(p);
 #endif
   return y;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return run(x, w, bias, Path::kBest);
+}
+
+at::Tensor linear_avx512(const at::Tensor& x, const at::Tensor& w,
+                         const c10::optional<at::Tensor>& bias) {
+  return run(x, w, bias, Path::kVector);
+}
+
+at::Tensor linear_portable(const at::Tensor& x, const at::Tensor& w,
+                           const c10::optional<at::Tensor>& bias) {
+  return run(x, w, bias, Path::kPortable);
+}
+
+bool has_amx() {
+#if defined(SKINNY_HAVE_AMX)
+  return amx::os_permits();
+#else
+  return false;
+#endif
 }
 
 bool has_avx512_bf16() {
@@ -309,5 +341,7 @@ bool has_avx512_bf16() {
 TORCH_LIBRARY(minicpm4_skinny_gemm, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear);
   m.def("linear_portable(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_portable);
+  m.def("linear_avx512(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_avx512);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
+  m.def("has_amx() -> bool", &has_amx);
 }

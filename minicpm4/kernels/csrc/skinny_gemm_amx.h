@@ -1,0 +1,188 @@
+// AMX-BF16 path of the skinny GEMM (included by skinny_gemm.cpp; see its header comment).
+//
+// On CPUs with AMX (Sapphire Rapids and later) one TDPBF16PS multiplies a 16 x 32 bf16 tile
+// by a 32 x 16 one: 1 KB of weights per instruction, far above what memory delivers, so the
+// kernel streams the weights at memory speed for every M up to kMaxRows, where the
+// AVX-512 BF16 path becomes compute-bound from M ~ 8 on.
+//
+// The product is computed transposed, y^T[N, M] = w[N, K] @ x^T[K, M], so that the weight is
+// the A operand and is loaded straight from its nn.Linear [N, K] layout (16 rows x 64 bytes,
+// row stride 2K bytes): no repacked copy of the weights. x^T is the B operand, which AMX wants
+// in pairs along K ("VNNI" layout): x is repacked once per call into xp[K / 2][M][2] (small).
+// A group is 32 weight rows (two A tiles) x all M rows (one or two B tiles of up to 16
+// columns); the four C tiles (2 row blocks x 2 column blocks) hold fp32 sums over the whole
+// K, are stored to a small buffer, + bias, rounded to bf16 once and written transposed.
+// Weight rows beyond the last full group of 32 (N % 32) go to the AVX-512 path.
+// Every M from 1 to kMaxRows takes this path, although at M <= 2 the AVX-512 one is as fast
+// from memory and ~25% faster from cache (1024 x 1024 weight in L2: 17 vs 22 us at M = 1):
+// an element's sum is then computed the same way whatever the batch, so a request decodes
+// the same tokens alone or among others.
+// Needs K % 32 == 0 and the kernel's permission to use the tile registers (Linux
+// arch_prctl(ARCH_REQ_XCOMP_PERM)); `amx_usable` says whether both hold.
+// Shape legend: M activation rows, N output features (weight rows), K inner dimension.
+
+#pragma once
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define SKINNY_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace amx {
+
+constexpr int64_t kMaxRows = 32;   // two B tiles of 16 columns
+constexpr int64_t kGroupRows = 32;  // weight rows per group: two A tiles
+constexpr int64_t kStepK = 32;      // bf16 elements of K per TDPBF16PS
+// Software prefetch of the group's 32 weight rows this many elements ahead (measured: a few
+// percent more bandwidth than the hardware prefetcher alone on 32 strided rows).
+constexpr int64_t kPrefetchK = 128;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The OS must grant each process the tile-data state once (Linux >= 5.16); torch's oneDNN
+// asks too, so this is usually already granted.
+inline bool os_permits() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+inline bool usable(const Problem& p) {
+  return p.M <= kMaxRows && p.K % kStepK == 0 && p.N >= kGroupRows && os_permits();
+}
+
+// Tiles: 0..3 = C[row block r][column block c] at 2 r + c; 4, 5 = B column blocks; 6, 7 = A.
+inline void configure(int64_t M) {
+  TileConfig cfg;
+  const int64_t cols0 = std::min<int64_t>(M, 16), cols1 = M - cols0;
+  for (int t = 0; t < 4; ++t) {
+    const int64_t cols = (t % 2 == 0) ? cols0 : cols1;
+    cfg.rows[t] = cols > 0 ? 16 : 0;
+    cfg.colsb[t] = static_cast<uint16_t>(cols * 4);
+  }
+  cfg.rows[4] = 16;
+  cfg.colsb[4] = static_cast<uint16_t>(cols0 * 4);
+  cfg.rows[5] = cols1 > 0 ? 16 : 0;
+  cfg.colsb[5] = static_cast<uint16_t>(cols1 * 4);
+  cfg.rows[6] = cfg.rows[7] = 16;
+  cfg.colsb[6] = cfg.colsb[7] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// y[m0 + j, n0 .. n0 + 15] = column j of c_16x16 (+ bias) for j < cols: one 16-lane gather
+// from the (L1-resident) tile buffer, + bias, rounded to bf16, one 32-byte store per row of y.
+inline void store_block(const Problem& p, const float* c_16x16, int64_t n0, int64_t m0,
+                        int64_t cols) {
+  const __m512i rows_16 = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(16));
+  __m512 bias_16 = _mm512_setzero_ps();
+  if (p.bias_N != nullptr) {
+    const __m256i b16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.bias_N + n0));
+    bias_16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16));
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows_16, c_16x16 + j, 4), bias_16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y_MN + (m0 + j) * p.N + n0),
+                        (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// Groups [g_begin, g_end) of kGroupRows weight rows; xp_K2M2 = x repacked (see header).
+template <bool TwoColumnBlocks>
+void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t g_end) {
+  configure(p.M);
+  alignas(64) float c_16x16[16 * 16];
+  const int64_t w_stride = p.K * 2, x_stride = p.M * 4;  // bytes between tile rows
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t n0 = g * kGroupRows;
+    const uint16_t* w0 = p.w_NK + n0 * p.K;
+    const uint16_t* w1 = w0 + 16 * p.K;
+    _tile_zero(0);
+    _tile_zero(2);
+    if (TwoColumnBlocks) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
+    for (int64_t k = 0; k < p.K; k += kStepK) {
+      const uint16_t* xk = xp_K2M2 + (k / 2) * p.M * 2;
+      _tile_loadd(4, xk, x_stride);
+      if (TwoColumnBlocks) _tile_loadd(5, xk + 16 * 2, x_stride);
+      if (k + kPrefetchK < p.K) {
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + r * p.K + k + kPrefetchK), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w1 + r * p.K + k + kPrefetchK), _MM_HINT_T0);
+        }
+      }
+      _tile_loadd(6, w0 + k, w_stride);
+      _tile_loadd(7, w1 + k, w_stride);
+      _tile_dpbf16ps(0, 6, 4);
+      _tile_dpbf16ps(2, 7, 4);
+      if (TwoColumnBlocks) {
+        _tile_dpbf16ps(1, 6, 5);
+        _tile_dpbf16ps(3, 7, 5);
+      }
+    }
+    const int64_t cols0 = std::min<int64_t>(p.M, 16);
+    _tile_stored(0, c_16x16, 64);
+    store_block(p, c_16x16, n0, 0, cols0);
+    _tile_stored(2, c_16x16, 64);
+    store_block(p, c_16x16, n0 + 16, 0, cols0);
+    if (TwoColumnBlocks) {
+      _tile_stored(1, c_16x16, 64);
+      store_block(p, c_16x16, n0, 16, p.M - 16);
+      _tile_stored(3, c_16x16, 64);
+      store_block(p, c_16x16, n0 + 16, 16, p.M - 16);
+    }
+  }
+  _tile_release();
+}
+
+// Runs the full groups on AMX and the remaining N % 32 rows with `tail(first_tile, end)`
+// (the AVX-512 path, in its tiles of kTileN rows).
+template <typename Tail>
+void run(const Problem& p, Tail tail) {
+  // xp[kp][m] = the pair x[m, 2 kp .. 2 kp + 1]: a transpose of x seen as [M, K / 2] uint32,
+  // 16 m at a time with one gather per kp (for M = 1 it is x itself).
+  std::vector<uint16_t> xp;
+  const uint16_t* xp_K2M2 = p.x_MK;
+  if (p.M > 1) {
+    xp.resize(static_cast<size_t>(p.M * p.K));
+    const int64_t K2 = p.K / 2;
+    const int* x32 = reinterpret_cast<const int*>(p.x_MK);
+    int* xp32 = reinterpret_cast<int*>(xp.data());
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, p.M - m0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+      const __m512i offs = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(K2)));
+      const int* src = x32 + m0 * K2;
+      for (int64_t kp = 0; kp < K2; ++kp) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offs,
+                                                      src + kp, 4);
+        _mm512_mask_storeu_epi32(xp32 + kp * p.M + m0, mask, v);
+      }
+    }
+    xp_K2M2 = xp.data();
+  }
+  const int64_t full = p.N / kGroupRows;
+  const int64_t grain =
+      std::max<int64_t>(1, kMinWorkPerThread / (kGroupRows * std::max<int64_t>(p.K, 1)));
+  at::parallel_for(0, full, grain, [&](int64_t g0, int64_t g1) {
+    if (p.M > 16) groups<true>(p, xp_K2M2, g0, g1);
+    else groups<false>(p, xp_K2M2, g0, g1);
+  });
+  if (full * kGroupRows < p.N) tail(full * kGroupRows / kTileN, (p.N + kTileN - 1) / kTileN);
+}
+
+}  // namespace amx
+#endif
