@@ -158,10 +158,15 @@ class AsyncEngine:
                     return
                 self._fail(exc, ended)
                 continue
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    self._loop.call_soon_threadsafe(queue.put_nowait, out)
+            if outputs:  # one wake-up of the event loop per step, not one per request
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: hand a step's outputs to their requests' queues."""
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
 
     def _fail(self, exc: BaseException, request_ids: list[str]) -> None:
         for rid in request_ids:

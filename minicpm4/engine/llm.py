@@ -138,17 +138,22 @@ class LLM:
         outputs = self._reap()  # aborted requests leave before scheduling
         sched = self.scheduler.schedule()
         if sched.scheduled:
-            logits = self.runner.run(sched.scheduled)
+            logits_RV, rows = self.runner.run(sched.scheduled)
             for seq, n in sched.scheduled:
                 self.scheduler.commit(seq, n)
-            self._sample([s for s, _ in sched.scheduled if s.request_id in logits], logits)
+            self._sample([s for s, _ in sched.scheduled if s.request_id in rows],
+                         logits_RV, rows)
             self.counters["steps_total"] += 1
         return outputs + self._reap()
 
-    def _sample(self, seqs: list[Sequence], logits: dict[str, torch.Tensor]) -> None:
+    def _sample(self, seqs: list[Sequence], logits_RV: torch.Tensor,
+                rows: dict[str, int]) -> None:
         if not seqs:
             return
-        logits_BV = torch.stack([logits[s.request_id] for s in seqs]).float()
+        index = [rows[s.request_id] for s in seqs]
+        logits_BV = logits_RV if index == list(range(logits_RV.shape[0])) else \
+            logits_RV.index_select(0, torch.tensor(index, device=logits_RV.device))
+        logits_BV = logits_BV.float()
         params = [s.params for s in seqs]
         if any(p.penalized for p in params):  # once, for the sample and its logprobs
             vocab, dev = logits_BV.shape[1], logits_BV.device

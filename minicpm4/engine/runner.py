@@ -6,6 +6,7 @@ nothing may be left-padded):
 - decode rows (one new token after stored ones) in one batched forward;
 - first chunks of new sequences in one left-padded forward;
 - continuing prefill chunks, one forward per chunk length (equal lengths share a forward).
+The logits of all forwards come back as one `[R, V]` tensor with a row per finished sequence.
 Shape legend: B rows, T tokens, V vocabulary.
 """
 
@@ -28,9 +29,12 @@ class ModelRunner:
         self.num_forwards = 0
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
-        """Compute the scheduled tokens (writing their K/V into the pages); returns the fp32
-        logits [V] after the last token of every sequence whose tokens are now all computed."""
+    def run(self, scheduled: list[tuple[Sequence, int]]
+            ) -> tuple[torch.Tensor, dict[str, int]]:
+        """Compute the scheduled tokens (writing their K/V into the pages). Returns fp32
+        last-position logits `[R, V]` and, for every sequence whose tokens are now all
+        computed, its row there. With one forward (the usual decode step) the tensor is that
+        forward's logits as they are, rows of unfinished prefill chunks included: no copy."""
         fresh: list[tuple[Sequence, int]] = []
         by_len: dict[int, list[tuple[Sequence, int]]] = {}  # n == 1: the decode rows
         for seq, n in scheduled:
@@ -39,12 +43,17 @@ class ModelRunner:
             else:
                 by_len.setdefault(n, []).append((seq, n))
         groups = list(by_len.values()) + ([fresh] if fresh else [])
-        logits: dict[str, torch.Tensor] = {}
+        parts, rows, offset = [], {}, 0
         for group in groups:
-            logits.update(self._forward(group))
-        return logits
+            logits_BV = self._forward(group)
+            for b, (seq, n) in enumerate(group):
+                if seq.num_computed + n == seq.num_tokens:
+                    rows[seq.request_id] = offset + b
+            parts.append(logits_BV)
+            offset += logits_BV.shape[0]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), rows
 
-    def _forward(self, group: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
+    def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
         T = max(n for _, n in group)
         B = len(group)
         ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -62,5 +71,4 @@ class ModelRunner:
                                attention_mask_BT=None if mask_BT is None
                                else mask_BT.to(self.device))[:, -1]
         self.num_forwards += 1
-        return {seq.request_id: logits_BV[b] for b, (seq, n) in enumerate(group)
-                if seq.num_computed + n == seq.num_tokens}
+        return logits_BV

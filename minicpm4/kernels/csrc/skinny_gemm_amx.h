@@ -97,9 +97,9 @@ inline void store_block(const Problem& p, const float* c_16x16, int64_t n0, int6
 }
 
 // Groups [g_begin, g_end) of kGroupRows weight rows; xp_K2M2 = x repacked (see header).
+// The calling thread has loaded the tile configuration (`configure`).
 template <bool TwoColumnBlocks>
 void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t g_end) {
-  configure(p.M);
   alignas(64) float c_16x16[16 * 16];
   const int64_t w_stride = p.K * 2, x_stride = p.M * 4;  // bytes between tile rows
   for (int64_t g = g_begin; g < g_end; ++g) {
@@ -144,7 +144,6 @@ void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t 
       store_block(p, c_16x16, n0 + 16, 16, p.M - 16);
     }
   }
-  _tile_release();
 }
 
 // Runs the full groups on AMX and the remaining N % 32 rows with `tail(first_tile, end)`
@@ -175,12 +174,31 @@ void run(const Problem& p, Tail tail) {
     xp_K2M2 = xp.data();
   }
   const int64_t full = p.N / kGroupRows;
-  const int64_t grain =
+  // Chunks of groups are claimed dynamically: on a machine where the server's event loop or
+  // clients share the cores, a thread that is descheduled for a while leaves its remaining
+  // chunks to the others instead of making the whole call wait for it (a static split would).
+  const int64_t chunk =
       std::max<int64_t>(1, kMinWorkPerThread / (kGroupRows * std::max<int64_t>(p.K, 1)));
-  at::parallel_for(0, full, grain, [&](int64_t g0, int64_t g1) {
+  const int64_t chunks = (full + chunk - 1) / chunk;
+  auto claim = [&](int64_t c) {
+    const int64_t g0 = c * chunk, g1 = std::min(full, g0 + chunk);
     if (p.M > 16) groups<true>(p, xp_K2M2, g0, g1);
     else groups<false>(p, xp_K2M2, g0, g1);
-  });
+  };
+  const int nthreads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    configure(p.M);
+    for (int64_t c = 0; c < chunks; ++c) claim(c);
+    _tile_release();
+  } else {
+#pragma omp parallel num_threads(nthreads)
+    {
+      configure(p.M);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < chunks; ++c) claim(c);
+      _tile_release();
+    }
+  }
   if (full * kGroupRows < p.N) tail(full * kGroupRows / kTileN, (p.N + kTileN - 1) / kTileN);
 }
 
