@@ -1,12 +1,14 @@
 """Scheduled tokens -> model forwards -> last-position logits (issue 5).
 
-A step's work is split into forwards the model's cache protocol can express (`PagedBatch`:
+A step's work is split into batches the model's cache protocol can express (`PagedBatch`:
 rows that already hold tokens receive the same number of new tokens; only rows starting from
 nothing may be left-padded):
-- decode rows (one new token after stored ones) in one batched forward;
-- first chunks of new sequences in one left-padded forward;
-- continuing prefill chunks, one forward per chunk length (equal lengths share a forward).
-The logits of all forwards come back as one `[R, V]` tensor with a row per finished sequence.
+- decode rows (one new token after stored ones), batched;
+- first chunks of new sequences, left-padded to a common length;
+- continuing prefill chunks, a batch per chunk length.
+These batches run as one forward (`model/grouped.py`: the token-wise parts, and so the reading
+of every weight, once for all of them; attention per batch). The logits come back as one
+`[R, V]` tensor with a row per finished sequence.
 Shape legend: B rows, T tokens, V vocabulary.
 """
 
@@ -16,6 +18,7 @@ import torch
 
 from minicpm4.engine.kv_cache import BlockPool, PagedBatch
 from minicpm4.engine.sequence import Sequence
+from minicpm4.model.grouped import Batch, grouped_logits
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 
 
@@ -43,17 +46,23 @@ class ModelRunner:
             else:
                 by_len.setdefault(n, []).append((seq, n))
         groups = list(by_len.values()) + ([fresh] if fresh else [])
-        parts, rows, offset = [], {}, 0
+        rows, offset = {}, 0
         for group in groups:
-            logits_BV = self._forward(group)
             for b, (seq, n) in enumerate(group):
                 if seq.num_computed + n == seq.num_tokens:
                     rows[seq.request_id] = offset + b
-            parts.append(logits_BV)
-            offset += logits_BV.shape[0]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), rows
+            offset += len(group)
+        batches = [self._batch(group) for group in groups]
+        self.num_forwards += 1
+        if len(batches) == 1:
+            b = batches[0]
+            logits_RV = self.model(b.ids_BT, cache=b.cache, logits_to_keep=1,
+                                   attention_mask_BT=b.mask_BT)[:, -1]
+        else:  # the weights are read once for all of them
+            logits_RV = grouped_logits(self.model, batches)
+        return logits_RV, rows
 
-    def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _batch(self, group: list[tuple[Sequence, int]]) -> Batch:
         T = max(n for _, n in group)
         B = len(group)
         ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -67,8 +76,5 @@ class ModelRunner:
         cache = PagedBatch(self.pool, [s.block_table for s, _ in group],
                            [s.num_computed for s, _ in group], [n for _, n in group],
                            seq_ids=[s.request_id for s, _ in group] if self.sparse else None)
-        logits_BV = self.model(ids_BT.to(self.device), cache=cache, logits_to_keep=1,
-                               attention_mask_BT=None if mask_BT is None
-                               else mask_BT.to(self.device))[:, -1]
-        self.num_forwards += 1
-        return logits_BV
+        return Batch(ids_BT.to(self.device), None if mask_BT is None
+                     else mask_BT.to(self.device), cache)

@@ -66,7 +66,6 @@ class Attention(nn.Module):
         """InfLLM v2 stage-2 backend (`kernels.infllm_v2.stage2.BACKENDS`)."""
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
         nope = self.sparse is not None and self.sparse.use_nope
         if self.use_rope and inp.cache is None and not nope and needs_training_kernels(
                 x_BTD, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight):
@@ -76,9 +75,22 @@ class Attention(nn.Module):
             q_BNTH, k_BKSH, v_BKSH = rotary_qkv(train_linear(x_BTD, w_FD), inp.cos_BTH,
                                                 inp.signed_sin_BTH(), self.num_heads,
                                                 self.num_kv_heads)
-            return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp)
-        q_BTF, k_BTF, v_BTF = (apply_linear(proj, x_BTD)
-                               for proj in (self.q_proj, self.k_proj, self.v_proj))
+            return self.finish(x_BTD, self._core(q_BNTH, k_BKSH, v_BKSH, inp))
+        return self.finish(x_BTD, self.attend(*self.project(x_BTD), inp))
+
+    # The three parts of the inference forward (also the training forward's, unfused).
+    # `model/grouped.py` runs `project` and `finish` once over the tokens of several batches
+    # and `attend` per batch.
+    def project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections [B, T, N*H], [B, T, K*H], [B, T, K*H]."""
+        return tuple(apply_linear(proj, x_BTD) for proj in (self.q_proj, self.k_proj,
+                                                             self.v_proj))
+
+    def attend(self, q_BTF: torch.Tensor, k_BTF: torch.Tensor, v_BTF: torch.Tensor,
+               inp: AttentionInputs) -> torch.Tensor:
+        """RoPE, the cache update and attention of one batch: [B, T, N*H] before o_proj."""
+        B, T, _ = q_BTF.shape
+        nope = self.sparse is not None and self.sparse.use_nope
         q_BNTH = q_BTF.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BKTH = k_BTF.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTH = v_BTF.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -90,21 +102,24 @@ class Attention(nn.Module):
             k_BKSH, v_BKSH = inp.cache.update(self.layer_idx, k_BKTH, v_BKTH)
         else:
             k_BKSH, v_BKSH = k_BKTH, v_BKTH
-        return self._output(x_BTD, q_BNTH, k_BKSH, v_BKSH, inp, sel)
+        return self._core(q_BNTH, k_BKSH, v_BKSH, inp, sel)
 
-    def _output(self, x_BTD: torch.Tensor, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor,
-                v_BKSH: torch.Tensor, inp: AttentionInputs,
-                sel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
+    def finish(self, x_BTD: torch.Tensor, out_BTF: torch.Tensor) -> torch.Tensor:
+        """The output gate (if any) and o_proj."""
+        if self.o_gate is not None:
+            out_BTF = out_BTF * torch.sigmoid(apply_linear(self.o_gate, x_BTD))
+        return apply_linear(self.o_proj, out_BTF)
+
+    def _core(self, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor,
+              inp: AttentionInputs, sel: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        B, _, T, _ = q_BNTH.shape
         if self.sparse is not None and inp.key_start is not None:
             out_BNTH = self._sparse(q_BNTH, k_BKSH, v_BKSH, inp, sel)
         else:
             out_BNTH = attention(q_BNTH, k_BKSH, v_BKSH, mask_B1TS=inp.mask_B1TS,
                                  is_causal=inp.is_causal)
-        out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        if self.o_gate is not None:
-            out_BTD = out_BTD * torch.sigmoid(apply_linear(self.o_gate, x_BTD))
-        return apply_linear(self.o_proj, out_BTD)
+        return out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
     def _sparse(self, q_BNTH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor,
                 inp: AttentionInputs, sel: tuple[torch.Tensor, torch.Tensor] | None
