@@ -122,6 +122,11 @@ async def merged(choices: Sequence[Choice]) -> AsyncIterator[tuple[int, RequestO
         except BaseException as exc:
             queue.put_nowait((choice.index, exc))
 
+    if len(choices) == 1:  # the usual n = 1: no pump task, no second queue per token
+        async with aclosing(_single(choices[0])) as single:
+            async for pair in single:
+                yield pair
+        return
     for choice in choices:
         if choice.first is not None:
             yield choice.index, choice.first
@@ -143,6 +148,25 @@ async def merged(choices: Sequence[Choice]) -> AsyncIterator[tuple[int, RequestO
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await _close([c.stream for c in choices])
+
+
+async def _single(choice: Choice) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """`merged` of one choice: its deltas straight from the engine's stream."""
+    try:
+        if choice.first is None:
+            return
+        yield choice.index, choice.first
+        if choice.first.finished:
+            return
+        try:
+            async for out in choice.stream:
+                yield choice.index, out
+                if out.finished:
+                    break
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_unavailable") from exc
+    finally:
+        await _close([choice.stream])
 
 
 class ClientDisconnected(Exception):
