@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minicpm4.kernels import fused_norm
 from minicpm4.model.attention import AttentionInputs
 from minicpm4.model.cache import KVCache
 from minicpm4.model.transformer import (MiniCPM4ForCausalLM, _positions_and_mask,
@@ -80,7 +81,7 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch]) -> torch.Tenso
     x_1ND = model.embed_tokens(ids_1N) * model.embed_scale
     for layer in model.layers:
         attn = layer.self_attn
-        h_1ND = layer.input_layernorm(x_1ND)
+        h_1ND = fused_norm.rms_norm(x_1ND, layer.input_layernorm)
         q_1NF, k_1NF, v_1NF = attn.project(h_1ND)
         outs, start = [], 0
         for (B, T), (inp, _) in zip(shapes, prepared):
@@ -91,8 +92,10 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch]) -> torch.Tenso
             outs.append(out_BTF.reshape(1, B * T, -1))
             start = end
         out_1NF = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        x_1ND = x_1ND + attn.finish(h_1ND, out_1NF) * layer.residual_scale
-        x_1ND = x_1ND + layer.mlp(layer.post_attention_layernorm(x_1ND)) * layer.residual_scale
+        x_1ND, h_1ND = fused_norm.add_rms_norm(x_1ND, attn.finish(h_1ND, out_1NF),
+                                               layer.residual_scale,
+                                               layer.post_attention_layernorm)
+        x_1ND = x_1ND + layer.mlp(h_1ND) * layer.residual_scale
     last, start = [], 0
     for (B, T), batch, (_, valid_BT) in zip(shapes, batches, prepared):
         batch.cache.advance(valid_BT, T)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from minicpm4.kernels import fused_norm
 from minicpm4.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from minicpm4.kernels.matmul import apply_linear
 from minicpm4.model import mup
@@ -41,8 +42,11 @@ class DecoderLayer(nn.Module):
             else residual_scale
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), inp) * self.residual_scale
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)) * self.residual_scale
+        # bf16 CPU inference fuses the norms with the residual add (kernels/fused_norm.py)
+        h_BTD = fused_norm.rms_norm(x_BTD, self.input_layernorm)
+        x_BTD, h_BTD = fused_norm.add_rms_norm(x_BTD, self.self_attn(h_BTD, inp),
+                                               self.residual_scale, self.post_attention_layernorm)
+        return x_BTD + self.mlp(h_BTD) * self.residual_scale
 
 
 def _key_valid(valid_BT: torch.Tensor | None, cache: KVCache | None, batch: int, num_new: int,
