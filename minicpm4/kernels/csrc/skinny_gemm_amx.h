@@ -77,20 +77,49 @@ inline void configure(int64_t M) {
   _tile_loadconfig(&cfg);
 }
 
-// y[m0 + j, n0 .. n0 + 15] = column j of c_16x16 (+ bias) for j < cols: one 16-lane gather
-// from the (L1-resident) tile buffer, + bias, rounded to bf16, one 32-byte store per row of y.
+// In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, r[j] = column j out.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4 i + c], 128-bit block b = rows 4 i .. 4 i + 3 of column c + 4 b
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  constexpr int kEven = _MM_SHUFFLE(2, 0, 2, 0), kOdd = _MM_SHUFFLE(3, 1, 3, 1);
+  for (int c = 0; c < 4; ++c) {  // gather the four row groups of columns c, c+4, c+8, c+12
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], kEven);
+    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], kOdd);
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], kEven);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], kOdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], kEven);
+    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[8 + c], kOdd);
+    r[c + 4] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], kEven);
+    r[c + 12] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], kOdd);
+  }
+}
+
+// y[m0 + j, n0 .. n0 + 15] = column j of c_16x16 (+ bias) for j < cols: the block is
+// transposed in registers, + bias, rounded to bf16, one 32-byte store per row of y.
 inline void store_block(const Problem& p, const float* c_16x16, int64_t n0, int64_t m0,
                         int64_t cols) {
-  const __m512i rows_16 = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(16));
   __m512 bias_16 = _mm512_setzero_ps();
   if (p.bias_N != nullptr) {
     const __m256i b16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.bias_N + n0));
     bias_16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16));
   }
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(c_16x16 + 16 * i);
+  transpose16(r);
   for (int64_t j = 0; j < cols; ++j) {
-    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows_16, c_16x16 + j, 4), bias_16);
+    const __m512 v = _mm512_add_ps(r[j], bias_16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y_MN + (m0 + j) * p.N + n0),
                         (__m256i)_mm512_cvtneps_pbh(v));
   }
