@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence as Seq
 
 import torch
@@ -29,8 +28,8 @@ from minicpm4.engine.scheduler import Scheduler
 from minicpm4.engine.sequence import Sequence
 from minicpm4.engine.stopping import StopChecker
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
+from minicpm4.utils.histogram import Histogram
 
-_HISTORY = 100_000  # per-request timings kept for the metrics histograms
 
 
 class LLM:
@@ -62,7 +61,7 @@ class LLM:
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0,
                              requests_finished_total=0, requests_aborted_total=0,
                              steps_total=0)
-        self.timings = {k: deque(maxlen=_HISTORY) for k in
+        self.timings = {k: Histogram() for k in
                         ("time_to_first_token_seconds", "queue_time_seconds",
                          "e2e_latency_seconds")}
 
@@ -203,10 +202,10 @@ class LLM:
         m = seq.metrics
         self.counters["requests_finished_total"] += 1
         if m.time_to_first_token is not None:
-            self.timings["time_to_first_token_seconds"].append(m.time_to_first_token)
+            self.timings["time_to_first_token_seconds"].observe(m.time_to_first_token)
         if m.queue_time is not None:
-            self.timings["queue_time_seconds"].append(m.queue_time)
-        self.timings["e2e_latency_seconds"].append((m.finished_time or time.time())
+            self.timings["queue_time_seconds"].observe(m.queue_time)
+        self.timings["e2e_latency_seconds"].observe((m.finished_time or time.time())
                                                    - m.arrival_time)
 
     # ---------------------------------------------------------------- offline API
@@ -245,5 +244,5 @@ class LLM:
                  kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_usable,
                  preemptions_total=self.scheduler.num_preemptions,
                  prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens)
-        s.update({k: list(v) for k, v in self.timings.items()})
+        s.update({k: h.snapshot() for k, h in self.timings.items()})
         return s

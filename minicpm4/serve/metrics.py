@@ -2,8 +2,8 @@
 
 Engine numbers come from `engine.stats()`: scalars ending in `_total` become counters, other
 scalars gauges (`kv_blocks_total`, a pool size, is exported as the gauge `kv_blocks_capacity`,
-plus `kv_cache_usage_ratio`), lists of per-request values (seconds) histograms with fixed
-buckets. The server
+plus `kv_cache_usage_ratio`), the engine's cumulative histograms (`utils/histogram.py`, per
+request seconds) histograms; a plain list of values is bucketed here the same way. The server
 adds its own HTTP request counter (by route and status). Format: text exposition 0.0.4.
 """
 
@@ -13,9 +13,11 @@ import math
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
+from minicpm4.utils.histogram import LATENCY_BUCKETS, Histogram, HistogramSnapshot
+
 PREFIX = "minicpm4"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BUCKETS = LATENCY_BUCKETS
 _HELP = {
     "num_running": "Requests in the running batch.",
     "num_waiting": "Requests waiting to be scheduled.",
@@ -55,16 +57,19 @@ def _label_text(labels: Mapping[str, str]) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-def _histogram(name: str, values: Iterable[float], labels: Mapping[str, str]) -> list[str]:
-    vals = sorted(float(v) for v in values if v is not None)
-    lines, i = [], 0
-    for bound in BUCKETS:
-        while i < len(vals) and vals[i] <= bound:
-            i += 1
-        lines.append(f"{name}_bucket{_label_text({**labels, 'le': _num(bound)})} {i}")
-    lines.append(f"{name}_bucket{_label_text({**labels, 'le': '+Inf'})} {len(vals)}")
-    lines.append(f"{name}_sum{_label_text(labels)} {_num(sum(vals))}")
-    lines.append(f"{name}_count{_label_text(labels)} {len(vals)}")
+def _histogram(name: str, values: HistogramSnapshot | Iterable[float],
+               labels: Mapping[str, str]) -> list[str]:
+    if not isinstance(values, HistogramSnapshot):
+        hist = Histogram(BUCKETS)
+        for v in values:
+            if v is not None:
+                hist.observe(float(v))
+        values = hist.snapshot()
+    lines = [f"{name}_bucket{_label_text({**labels, 'le': _num(bound)})} {n}"
+             for bound, n in zip(values.bounds, values.cumulative)]
+    lines.append(f"{name}_bucket{_label_text({**labels, 'le': '+Inf'})} {values.count}")
+    lines.append(f"{name}_sum{_label_text(labels)} {_num(values.sum)}")
+    lines.append(f"{name}_count{_label_text(labels)} {values.count}")
     return lines
 
 
@@ -82,7 +87,7 @@ def render(stats: Mapping[str, Any], http_requests: Counter, *,
         value = stats[key]
         name = f"{PREFIX}_{key}"
         help_text = _HELP.get(key, key.replace("_", " ") + ".")
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple, HistogramSnapshot)):
             out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
             out += _histogram(name, value, labels)
         elif isinstance(value, (int, float)):
