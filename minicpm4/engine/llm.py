@@ -62,7 +62,8 @@ class LLM:
                              requests_finished_total=0, requests_aborted_total=0,
                              steps_total=0)
         self.timings = {k: Histogram() for k in
-                        ("time_to_first_token_seconds", "queue_time_seconds",
+                        ("time_to_first_token_seconds", "time_per_output_token_seconds",
+                         "queue_time_seconds",
                          "e2e_latency_seconds")}
 
     # ---------------------------------------------------------------- requests
@@ -207,6 +208,9 @@ class LLM:
             self.timings["queue_time_seconds"].observe(m.queue_time)
         self.timings["e2e_latency_seconds"].observe((m.finished_time or time.time())
                                                    - m.arrival_time)
+        tpot = m.time_per_output_token(len(seq.output_ids))
+        if tpot is not None:
+            self.timings["time_per_output_token_seconds"].observe(tpot)
 
     # ---------------------------------------------------------------- offline API
     def generate(self, prompts: Seq[Seq[int] | str],

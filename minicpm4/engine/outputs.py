@@ -45,6 +45,19 @@ class RequestMetrics:
             return None
         return self.first_token_time - self.arrival_time
 
+    def time_per_output_token(self, num_generated: int) -> float | None:
+        """Seconds per token after the first one (first token to finish), once finished and
+        with at least two tokens."""
+        if self.first_token_time is None or self.finished_time is None or num_generated < 2:
+            return None
+        return (self.finished_time - self.first_token_time) / (num_generated - 1)
+
+    def tokens_per_s(self, num_generated: int) -> float | None:
+        """Decode speed of the request: 1 / `time_per_output_token` (None when unknown or
+        when the tokens came within the clock's resolution)."""
+        tpot = self.time_per_output_token(num_generated)
+        return None if not tpot else 1.0 / tpot
+
 
 @dataclass
 class RequestOutput:
@@ -67,6 +80,12 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """On the final delta: the request's decode speed (`RequestMetrics.tokens_per_s`)."""
+        return None if self.metrics is None else \
+            self.metrics.tokens_per_s(self.num_generated_tokens)
 
     def merged(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by the next one of the same request, as one delta."""

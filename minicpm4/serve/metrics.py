@@ -32,6 +32,7 @@ _HELP = {
     "preemptions_total": "Requests preempted for lack of KV blocks.",
     "prefix_cache_hit_tokens_total": "Prompt tokens served from the prefix cache.",
     "time_to_first_token_seconds": "Arrival to first generated token.",
+    "time_per_output_token_seconds": "Per request: first token to finish / (tokens - 1).",
     "queue_time_seconds": "Arrival to first scheduling.",
     "e2e_latency_seconds": "Arrival to finish.",
 }

@@ -52,3 +52,23 @@ def test_engine_stats_count_every_finished_request(tiny_model) -> None:
     second = llm.stats()["e2e_latency_seconds"]
     assert isinstance(first, HistogramSnapshot) and (first.count, second.count) == (2, 3)
     assert second.sum >= first.sum > 0 and llm.stats()["time_to_first_token_seconds"].count == 3
+    assert llm.stats()["time_per_output_token_seconds"].count == 3  # each made 3 tokens
+
+
+def test_final_output_reports_the_request_decode_speed(tiny_model) -> None:
+    from minicpm4.engine.config import EngineConfig
+    from minicpm4.engine.llm import LLM
+    from minicpm4.engine.request import SamplingParams
+
+    llm = LLM(tiny_model, None, EngineConfig(block_size=8, num_kv_blocks=64))
+    llm.add_request([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                    "r")
+    outs = []
+    while llm.has_unfinished():
+        outs += llm.step()
+    final = outs[-1]
+    assert final.finished and all(o.tokens_per_s is None for o in outs[:-1])
+    m = final.metrics
+    expected = 5 / (m.finished_time - m.first_token_time)
+    assert final.tokens_per_s == pytest.approx(expected) and final.tokens_per_s > 0
+    assert m.time_per_output_token(1) is None  # one token: no decode speed
