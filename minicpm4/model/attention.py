@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from minicpm4.kernels import fused_rotary
 from minicpm4.kernels.attention import attention
 from minicpm4.kernels.infllm_v2.api import SparseLayerState, infllm_v2_attention
 from minicpm4.kernels.matmul import apply_linear, needs_training_kernels, train_linear
@@ -91,11 +92,15 @@ class Attention(nn.Module):
         """RoPE, the cache update and attention of one batch: [B, T, N*H] before o_proj."""
         B, T, _ = q_BTF.shape
         nope = self.sparse is not None and self.sparse.use_nope
-        q_BNTH = q_BTF.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BKTH = k_BTF.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTNH = q_BTF.view(B, T, self.num_heads, self.head_dim)
+        k_BTKH = k_BTF.view(B, T, self.num_kv_heads, self.head_dim)
+        q_BNTH, k_BKTH = q_BTNH.transpose(1, 2), k_BTKH.transpose(1, 2)
         v_BKTH = v_BTF.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         sel = (q_BNTH, k_BKTH) if nope else None  # use_nope: select with pre-RoPE q/k
-        if self.use_rope:
+        if self.use_rope and fused_rotary.applies(q_BTNH, inp.cos_BTH):  # bf16 CPU inference
+            q_BNTH = fused_rotary.rotary(q_BTNH, inp.cos_BTH, inp.sin_BTH).transpose(1, 2)
+            k_BKTH = fused_rotary.rotary(k_BTKH, inp.cos_BTH, inp.sin_BTH).transpose(1, 2)
+        elif self.use_rope:
             q_BNTH = apply_rotary(q_BNTH, inp.cos_BTH, inp.sin_BTH)
             k_BKTH = apply_rotary(k_BKTH, inp.cos_BTH, inp.sin_BTH)
         if inp.cache is not None:

@@ -1,0 +1,37 @@
+"""Fused rotate-half RoPE for bf16 CPU inference (issue 5: decode overhead; spec §1.3).
+
+`rotary(x_BTNH, cos_BTH, sin_BTH)` is `apply_rotary(x_BTNH.transpose(1, 2), cos, sin)
+.transpose(1, 2)` (`model/layers.apply_rotary`, the reference and the definition): the
+rotation computed in fp32 and rounded to bf16 once. It runs as one op of `csrc/rotary.cpp`
+(bit-identical to the reference: same products, same sum, no FMA) when it applies: CPU, x
+bfloat16, cos / sin float32, no autograd, the extension built (`MINICPM4_CPU_EXT=0` or
+`FUSED_ROTARY = False` turn it off); otherwise the reference runs.
+Shape legend: B rows, T tokens, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minicpm4.kernels import cpu_ext, needs_grad
+
+FUSED_ROTARY = True
+"""Module switch (tests and benchmarks compare with the reference)."""
+
+_EXT = "rotary"
+
+
+def applies(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor) -> bool:
+    if not FUSED_ROTARY or x_BTNH.device.type != "cpu" or x_BTNH.dtype != torch.bfloat16:
+        return False
+    if cos_BTH.dtype != torch.float32 or needs_grad(x_BTNH) or not cpu_ext.enabled():
+        return False
+    return cpu_ext.load(_EXT)
+
+
+def rotary(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [B, T, N, H] -> [B, T, N, H] (see the module docstring)."""
+    if applies(x_BTNH, cos_BTH):
+        return torch.ops.minicpm4_rotary.rotary(x_BTNH, cos_BTH, sin_BTH)
+    from minicpm4.model.layers import apply_rotary  # the model imports this module
+    return apply_rotary(x_BTNH.transpose(1, 2), cos_BTH, sin_BTH).transpose(1, 2)
