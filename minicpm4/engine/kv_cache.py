@@ -11,8 +11,10 @@ decode-time selection reads; their bytes are part of the per-block budget (`bloc
 `PagedBatch` is the per-forward view the model sees (the `KVCache` protocol of
 `model/cache.py`): rows are sequences, each with its block table and its number of computed
 tokens. `update` writes this forward's keys into the rows' pages and returns the stored keys
-gathered into a left-padded `[B, K, S_past + T, H]` tensor (padding = block 0). Shape legend:
-B rows, T new tokens, S positions, K kv heads, H head dim, L layers.
+gathered into a left-padded `[B, K, S_past + T, H]` tensor (padding = block 0). For a decode
+batch, `write` + `decode_pages` let bf16 CPU attention read the pages in place instead
+(`kernels/paged_attention.py`). Shape legend: B rows, T new tokens, S positions, K kv heads,
+H head dim, L layers, W block-table width.
 """
 
 from __future__ import annotations
@@ -188,6 +190,12 @@ class PagedBatch:
         new_tok_BT = torch.where(torch.arange(T).view(1, -1) >= (T - new_B).view(-1, 1),
                                  new_tok_BT, -1)
         new_slots_BT = self._slots(table_BW, new_tok_BT, bs)
+        # a decode batch (one new token after stored ones in every row) can be attended to
+        # in the pages themselves (`decode_pages`)
+        self._decode = T == 1 and bool((past_B > 0).all())
+        if self._decode:
+            self._table_BW = table_BW.to(dev)
+            self._lens_B = (past_B + 1).to(dev)
         self._new_slots = new_slots_BT.view(-1).to(dev)
         # every key this forward attends over, past then new: one gather, no concatenation
         self._all_slots = torch.cat([past_slots_BS, new_slots_BT], dim=1).view(-1).to(dev)
@@ -219,20 +227,30 @@ class PagedBatch:
     def num_valid(self) -> torch.Tensor:
         return self._num_valid_B
 
-    def update(self, layer_idx: int, k_BKTH: torch.Tensor,
-               v_BKTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer_idx: int, k_BKTH: torch.Tensor, v_BKTH: torch.Tensor) -> None:
+        """Store this forward's keys and values in the rows' pages."""
         B, K, T, H = k_BKTH.shape
-        out = []
         for pages, new_BKTH in ((self.pool.k[layer_idx], k_BKTH),
                                 (self.pool.v[layer_idx], v_BKTH)):
-            flat_NKH = pages.view(-1, K, H)
-            flat_NKH[self._new_slots] = new_BKTH.transpose(1, 2).reshape(B * T, K, H)
-            if self._S == 0:
-                out.append(new_BKTH)
-                continue
-            out.append(flat_NKH.index_select(0, self._all_slots)
-                       .view(B, self._S + T, K, H).transpose(1, 2))
-        return out[0], out[1]
+            pages.view(-1, K, H)[self._new_slots] = new_BKTH.transpose(1, 2).reshape(B * T, K, H)
+
+    def update(self, layer_idx: int, k_BKTH: torch.Tensor,
+               v_BKTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.write(layer_idx, k_BKTH, v_BKTH)
+        if self._S == 0:
+            return k_BKTH, v_BKTH
+        B, K, T, H = k_BKTH.shape
+        return tuple(pages.view(-1, K, H).index_select(0, self._all_slots)
+                     .view(B, self._S + T, K, H).transpose(1, 2)
+                     for pages in (self.pool.k[layer_idx], self.pool.v[layer_idx]))
+
+    def decode_pages(self, layer_idx: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a decode batch: (K pages, V pages, block table [B, W], keys per row [B]) of
+        `kernels/paged_attention.decode`, after `write`; None for other batches."""
+        if not self._decode:
+            return None
+        return self.pool.k[layer_idx], self.pool.v[layer_idx], self._table_BW, self._lens_B
 
     def advance(self, valid_BT: torch.Tensor | None, num_tokens: int) -> None:
         """Lengths are the engine's bookkeeping (`Sequence.num_computed`); nothing to do."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from minicpm4.kernels import fused_rotary
+from minicpm4.kernels import fused_rotary, paged_attention
 from minicpm4.kernels.attention import attention
 from minicpm4.kernels.infllm_v2.api import SparseLayerState, infllm_v2_attention
 from minicpm4.kernels.matmul import apply_linear, needs_training_kernels, train_linear
@@ -103,11 +103,31 @@ class Attention(nn.Module):
         elif self.use_rope:
             q_BNTH = apply_rotary(q_BNTH, inp.cos_BTH, inp.sin_BTH)
             k_BKTH = apply_rotary(k_BKTH, inp.cos_BTH, inp.sin_BTH)
+        paged = self._paged_decode(q_BNTH, k_BKTH, v_BKTH, inp)
+        if paged is not None:
+            return paged
         if inp.cache is not None:
             k_BKSH, v_BKSH = inp.cache.update(self.layer_idx, k_BKTH, v_BKTH)
         else:
             k_BKSH, v_BKSH = k_BKTH, v_BKTH
         return self._core(q_BNTH, k_BKSH, v_BKSH, inp, sel)
+
+    def _paged_decode(self, q_BNTH: torch.Tensor, k_BKTH: torch.Tensor, v_BKTH: torch.Tensor,
+                      inp: AttentionInputs) -> torch.Tensor | None:
+        """Dense decode over the engine's pages in place (`kernels/paged_attention.py`), for
+        bf16 CPU inference; None where it does not apply (the gathered path runs)."""
+        if self.sparse is not None or q_BNTH.shape[2] != 1 or inp.cache is None:
+            return None
+        get_pages = getattr(inp.cache, "decode_pages", None)
+        if get_pages is None or not paged_attention.applies(q_BNTH, k_BKTH):
+            return None
+        view = get_pages(self.layer_idx)
+        if view is None:
+            return None
+        inp.cache.write(self.layer_idx, k_BKTH, v_BKTH)
+        B, N = q_BNTH.shape[:2]
+        out_BNH = paged_attention.decode(q_BNTH[:, :, 0], *view)
+        return out_BNH.reshape(B, 1, N * self.head_dim)
 
     def finish(self, x_BTD: torch.Tensor, out_BTF: torch.Tensor) -> torch.Tensor:
         """The output gate (if any) and o_proj."""
