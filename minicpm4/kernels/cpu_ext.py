@@ -33,6 +33,15 @@ def enabled() -> bool:
     return os.environ.get("MINICPM4_CPU_EXT", "1") != "0"
 
 
+def inference_op(name: str, *tensors: torch.Tensor | None) -> bool:
+    """For the inference-only kernels' dispatchers: the given tensors (None ignored) are on
+    the CPU with nothing to differentiate, and the extension `name` is on and built."""
+    from minicpm4.kernels import needs_grad  # the package imports this module
+    if any(t is not None and t.device.type != "cpu" for t in tensors) or needs_grad(*tensors):
+        return False
+    return enabled() and load(name)
+
+
 def _cpu_model() -> str:
     """The CPU's model name and feature flags (a VM may hide features of the same model)."""
     try:

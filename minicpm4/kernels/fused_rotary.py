@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minicpm4.kernels import cpu_ext, needs_grad
+from minicpm4.kernels import cpu_ext
 
 FUSED_ROTARY = True
 """Module switch (tests and benchmarks compare with the reference)."""
@@ -22,11 +22,8 @@ _EXT = "rotary"
 
 
 def applies(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor) -> bool:
-    if not FUSED_ROTARY or x_BTNH.device.type != "cpu" or x_BTNH.dtype != torch.bfloat16:
-        return False
-    if cos_BTH.dtype != torch.float32 or needs_grad(x_BTNH) or not cpu_ext.enabled():
-        return False
-    return cpu_ext.load(_EXT)
+    return FUSED_ROTARY and x_BTNH.dtype == torch.bfloat16 and \
+        cos_BTH.dtype == torch.float32 and cpu_ext.inference_op(_EXT, x_BTNH, cos_BTH)
 
 
 def rotary(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from minicpm4.kernels import cpu_ext, needs_grad
+from minicpm4.kernels import cpu_ext
 
 PAGED_DECODE = True
 """Module switch (tests and benchmarks compare with the gathered path)."""
@@ -26,11 +26,8 @@ _EXT = "paged_attention"
 
 
 def applies(q_BNH: torch.Tensor, k_pages: torch.Tensor) -> bool:
-    if not PAGED_DECODE or q_BNH.device.type != "cpu" or q_BNH.dtype != torch.bfloat16:
-        return False
-    if k_pages.dtype != torch.bfloat16 or needs_grad(q_BNH) or not cpu_ext.enabled():
-        return False
-    return cpu_ext.load(_EXT)
+    return PAGED_DECODE and q_BNH.dtype == torch.bfloat16 and \
+        k_pages.dtype == torch.bfloat16 and cpu_ext.inference_op(_EXT, q_BNH, k_pages)
 
 
 def decode_reference(q_BNH: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
