@@ -5,7 +5,8 @@
 rotation computed in fp32 and rounded to bf16 once. It runs as one op of `csrc/rotary.cpp`
 (bit-identical to the reference: same products, same sum, no FMA) when it applies: CPU, x
 bfloat16, cos / sin float32, no autograd, the extension built (`MINICPM4_CPU_EXT=0` or
-`FUSED_ROTARY = False` turn it off); otherwise the reference runs.
+`FUSED_ROTARY = False` turn it off); otherwise the caller runs the reference (this layer
+does not import the model's).
 Shape legend: B rows, T tokens, N heads, H head dim.
 """
 
@@ -27,8 +28,6 @@ def applies(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor) -> bool:
 
 
 def rotary(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tensor) -> torch.Tensor:
-    """RoPE of x [B, T, N, H] -> [B, T, N, H] (see the module docstring)."""
-    if applies(x_BTNH, cos_BTH):
-        return torch.ops.minicpm4_rotary.rotary(x_BTNH, cos_BTH, sin_BTH)
-    from minicpm4.model.layers import apply_rotary  # the model imports this module
-    return apply_rotary(x_BTNH.transpose(1, 2), cos_BTH, sin_BTH).transpose(1, 2)
+    """RoPE of x [B, T, N, H] -> [B, T, N, H] by the C++ op (call `applies` first; where it
+    does not apply, the caller runs `model/layers.apply_rotary`, as `Attention.attend` does)."""
+    return torch.ops.minicpm4_rotary.rotary(x_BTNH, cos_BTH, sin_BTH)
