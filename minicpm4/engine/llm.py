@@ -27,6 +27,7 @@ from minicpm4.engine.sampler import apply_penalties, sample, token_counts
 from minicpm4.engine.scheduler import Scheduler
 from minicpm4.engine.sequence import Sequence
 from minicpm4.engine.stopping import StopChecker
+from minicpm4.kernels.greedy import argmax_rows
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 from minicpm4.utils.histogram import Histogram
 
@@ -153,15 +154,19 @@ class LLM:
         index = [rows[s.request_id] for s in seqs]
         logits_BV = logits_RV if index == list(range(logits_RV.shape[0])) else \
             logits_RV.index_select(0, torch.tensor(index, device=logits_RV.device))
-        logits_BV = logits_BV.float()
         params = [s.params for s in seqs]
-        if any(p.penalized for p in params):  # once, for the sample and its logprobs
-            vocab, dev = logits_BV.shape[1], logits_BV.device
-            logits_BV = apply_penalties(
-                logits_BV, params,
-                prompt_counts_BV=token_counts([s.prompt_ids for s in seqs], vocab, dev),
-                output_counts_BV=token_counts([s.output_ids for s in seqs], vocab, dev))
-        tokens = sample(logits_BV, params, [s.generator for s in seqs]).tolist()
+        if all(p.greedy and not p.penalized and p.logprobs is None for p in params):
+            # greedy only: the maxima of the logits as they are (no fp32 copy)
+            tokens = argmax_rows(logits_BV).tolist()
+        else:
+            logits_BV = logits_BV.float()
+            if any(p.penalized for p in params):  # once, for the sample and its logprobs
+                vocab, dev = logits_BV.shape[1], logits_BV.device
+                logits_BV = apply_penalties(
+                    logits_BV, params,
+                    prompt_counts_BV=token_counts([s.prompt_ids for s in seqs], vocab, dev),
+                    output_counts_BV=token_counts([s.output_ids for s in seqs], vocab, dev))
+            tokens = sample(logits_BV, params, [s.generator for s in seqs]).tolist()
         logprob_rows = {i: j for j, i in enumerate(
             i for i, p in enumerate(params) if p.logprobs is not None)}
         lp_RV = None

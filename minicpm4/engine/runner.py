@@ -34,8 +34,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]
             ) -> tuple[torch.Tensor, dict[str, int]]:
-        """Compute the scheduled tokens (writing their K/V into the pages). Returns fp32
-        last-position logits `[R, V]` and, for every sequence whose tokens are now all
+        """Compute the scheduled tokens (writing their K/V into the pages). Returns the
+        last-position logits `[R, V]` (in the model's dtype) and, for every sequence whose tokens are now all
         computed, its row there. With one forward (the usual decode step) the tensor is that
         forward's logits as they are, rows of unfinished prefill chunks included: no copy."""
         fresh: list[tuple[Sequence, int]] = []
@@ -56,10 +56,10 @@ class ModelRunner:
         self.num_forwards += 1
         if len(batches) == 1:
             b = batches[0]
-            logits_RV = self.model(b.ids_BT, cache=b.cache, logits_to_keep=1,
-                                   attention_mask_BT=b.mask_BT)[:, -1]
+            h_BTD = self.model.model(b.ids_BT, attention_mask_BT=b.mask_BT, cache=b.cache)
+            logits_RV = self.model.compute_logits(h_BTD[:, -1], keep_dtype=True)
         else:  # the weights are read once for all of them
-            logits_RV = grouped_logits(self.model, batches)
+            logits_RV = grouped_logits(self.model, batches, keep_dtype=True)
         return logits_RV, rows
 
     def _batch(self, group: list[tuple[Sequence, int]]) -> Batch:

@@ -65,9 +65,11 @@ def _inputs(lm: MiniCPM4ForCausalLM, batch: Batch) -> tuple[AttentionInputs,
 
 
 @torch.inference_mode()
-def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch]) -> torch.Tensor:
-    """fp32 logits [R, V] after the last position of every row, batch after batch (row b of
-    batch g at sum of the earlier batches' B, + b); appends every batch's keys to its cache."""
+def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
+                   keep_dtype: bool = False) -> torch.Tensor:
+    """fp32 logits [R, V] (the model's dtype with `keep_dtype`) after the last position of
+    every row, batch after batch (row b of batch g at sum of the earlier batches' B, + b);
+    appends every batch's keys to its cache."""
     if not batches:
         raise ValueError("a grouped forward needs at least one batch")
     model = lm.model
@@ -102,4 +104,4 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch]) -> torch.Tenso
         last.extend(start + b * T + T - 1 for b in range(B))
         start += B * T
     h_RD = model.norm(x_1ND[0].index_select(0, torch.tensor(last, device=x_1ND.device)))
-    return lm.compute_logits(h_RD)
+    return lm.compute_logits(h_RD, keep_dtype=keep_dtype)

@@ -264,9 +264,11 @@ class MiniCPM4ForCausalLM(nn.Module):
             h_BTD = h_BTD[:, -logits_to_keep:]
         return self.compute_logits(h_BTD)
 
-    def compute_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final (normed) hidden states: lm_head(h * dim_model_base / hidden)."""
-        return apply_linear(self.lm_head, h_BTD * self.logit_scale).float()
+    def compute_logits(self, h_BTD: torch.Tensor, *, keep_dtype: bool = False) -> torch.Tensor:
+        """fp32 logits of final (normed) hidden states: lm_head(h * dim_model_base / hidden);
+        in the model's dtype with `keep_dtype` (the engine widens only what it needs)."""
+        logits = apply_linear(self.lm_head, h_BTD * self.logit_scale)
+        return logits if keep_dtype else logits.float()
 
     def forward_with_mtp(self, input_ids_BT: torch.Tensor, *,
                          attention_mask_BT: torch.Tensor | None = None
