@@ -63,6 +63,16 @@ def tiny_model():
 
 
 @pytest.fixture
+def tiny_bf16_model():
+    """The tiny model without RoPE scaling, in bf16 (where the CPU inference kernels run)."""
+    from minicpm4.model.transformer import MiniCPM4ForCausalLM
+    torch.manual_seed(0)
+    model = MiniCPM4ForCausalLM(tiny_config(rope_scaling=None))
+    model.init_weights(seed=0)
+    return model.bfloat16().eval()
+
+
+@pytest.fixture
 def one_thread():
     """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
     before = torch.get_num_threads()

@@ -32,7 +32,6 @@ from minicpm4.model.transformer import MiniCPM4ForCausalLM
 from minicpm4.utils.histogram import Histogram
 
 
-
 class LLM:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer=None,
                  config: EngineConfig | None = None) -> None:
@@ -64,8 +63,7 @@ class LLM:
                              steps_total=0)
         self.timings = {k: Histogram() for k in
                         ("time_to_first_token_seconds", "time_per_output_token_seconds",
-                         "queue_time_seconds",
-                         "e2e_latency_seconds")}
+                         "queue_time_seconds", "e2e_latency_seconds")}
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,

@@ -35,9 +35,9 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]
             ) -> tuple[torch.Tensor, dict[str, int]]:
         """Compute the scheduled tokens (writing their K/V into the pages). Returns the
-        last-position logits `[R, V]` (in the model's dtype) and, for every sequence whose tokens are now all
-        computed, its row there. With one forward (the usual decode step) the tensor is that
-        forward's logits as they are, rows of unfinished prefill chunks included: no copy."""
+        last-position logits `[R, V]` (in the model's dtype) and, for every sequence whose
+        tokens are now all computed, its row there. The rows of unfinished prefill chunks are
+        included: the tensor is the forward's logits as they are, no copy."""
         fresh: list[tuple[Sequence, int]] = []
         by_len: dict[int, list[tuple[Sequence, int]]] = {}  # n == 1: the decode rows
         for seq, n in scheduled:

@@ -7,7 +7,7 @@ S keys (cached + new), V vocabulary.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -42,10 +42,16 @@ class DecoderLayer(nn.Module):
             else residual_scale
 
     def forward(self, x_BTD: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
-        # bf16 CPU inference fuses the norms with the residual add (kernels/fused_norm.py)
+        return self.block(x_BTD, lambda h_BTD: self.self_attn(h_BTD, inp))
+
+    def block(self, x_BTD: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        """The layer around its token mixer `mix` (normed input -> attention output); bf16
+        CPU inference fuses the norms with the residual add (kernels/fused_norm.py).
+        `model/grouped.py` passes a mixer that attends per batch."""
         h_BTD = fused_norm.rms_norm(x_BTD, self.input_layernorm)
-        x_BTD, h_BTD = fused_norm.add_rms_norm(x_BTD, self.self_attn(h_BTD, inp),
-                                               self.residual_scale, self.post_attention_layernorm)
+        x_BTD, h_BTD = fused_norm.add_rms_norm(x_BTD, mix(h_BTD), self.residual_scale,
+                                               self.post_attention_layernorm)
         return x_BTD + self.mlp(h_BTD) * self.residual_scale
 
 
@@ -162,6 +168,26 @@ class MiniCPM4Model(nn.Module):
                 positions_BT: torch.Tensor | None = None, cache: KVCache | None = None,
                 doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, D]; see `MiniCPM4ForCausalLM.forward`."""
+        inp, valid_BT = self.attention_inputs(input_ids_BT, attention_mask_BT=attention_mask_BT,
+                                              positions_BT=positions_BT, cache=cache,
+                                              doc_ids_BT=doc_ids_BT)
+        T = input_ids_BT.shape[1]
+        x_BTD = self.embed_tokens(input_ids_BT) * self.embed_scale
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, inp)
+        if cache is not None:
+            cache.advance(valid_BT, T)
+        return self.norm(x_BTD)
+
+
+    def attention_inputs(self, input_ids_BT: torch.Tensor, *,
+                         attention_mask_BT: torch.Tensor | None = None,
+                         positions_BT: torch.Tensor | None = None, cache: KVCache | None = None,
+                         doc_ids_BT: torch.Tensor | None = None
+                         ) -> tuple[AttentionInputs, torch.Tensor | None]:
+        """Checks the inputs of one forward and builds what every layer shares: positions,
+        RoPE tables, the attention mask, InfLLM v2's key starts. Also returns the padding
+        mask (None when no token is padding). `model/grouped.py` calls it per batch."""
         if input_ids_BT.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids_BT.shape)}")
         B, T = input_ids_BT.shape
@@ -194,12 +220,7 @@ class MiniCPM4Model(nn.Module):
         if self.config.sparse_config is not None:
             inp.key_start = _sparse_key_start(valid_BT, cache, doc_ids_BT, B, T,
                                               input_ids_BT.device)
-        x_BTD = self.embed_tokens(input_ids_BT) * self.embed_scale
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, inp)
-        if cache is not None:
-            cache.advance(valid_BT, T)
-        return self.norm(x_BTD)
+        return inp, valid_BT
 
 
 class MiniCPM4ForCausalLM(nn.Module):

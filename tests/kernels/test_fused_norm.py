@@ -10,8 +10,6 @@ import torch
 
 from minicpm4.kernels import cpu_ext, fused_norm
 from minicpm4.model.layers import RMSNorm
-from minicpm4.model.transformer import MiniCPM4ForCausalLM
-from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +91,9 @@ def test_ops_refuse_bad_input(built) -> None:
 
 
 @torch.no_grad()
-def test_bf16_model_decodes_the_same_with_and_without(built, monkeypatch) -> None:
-    torch.manual_seed(0)
-    model = MiniCPM4ForCausalLM(tiny_config(rope_scaling=None))
-    model.init_weights(seed=0)
-    model = model.bfloat16().eval()
+def test_bf16_model_decodes_the_same_with_and_without(built, monkeypatch,
+                                                     tiny_bf16_model) -> None:
+    model = tiny_bf16_model
     ids = torch.randint(3, 512, (2, 12))
 
     def greedy() -> tuple[torch.Tensor, list[list[int]]]:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from minicpm4.kernels import cpu_ext, paged_attention
-from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +65,13 @@ def test_refuses_bad_tables_and_lengths(built) -> None:
 
 
 @torch.no_grad()
-def test_engine_bf16_decodes_the_same_with_and_without(built, monkeypatch) -> None:
+def test_engine_bf16_decodes_the_same_with_and_without(built, monkeypatch,
+                                                       tiny_bf16_model) -> None:
     from minicpm4.engine.config import EngineConfig
     from minicpm4.engine.llm import LLM
     from minicpm4.engine.request import SamplingParams
-    from minicpm4.model.transformer import MiniCPM4ForCausalLM
 
-    torch.manual_seed(0)
-    model = MiniCPM4ForCausalLM(tiny_config(rope_scaling=None))
-    model.init_weights(seed=0)
-    model = model.bfloat16().eval()
+    model = tiny_bf16_model
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(3, 40))] for _ in range(6)]
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(5, 30), ignore_eos=True)
