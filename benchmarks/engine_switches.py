@@ -1,0 +1,85 @@
+"""A/B of the engine's CPU inference kernels, each against the path it replaces (issue 5 #5).
+
+For one kernel switch (`--switch`), runs `LLM.generate` on `benchmarks/serve.py`'s workload
+for a model and concurrency, alternately with the switch on and off (the order flipped every
+repeat, the same engine and weights, greedy), and prints every run, the medians and last
+`RESULT engine_switch_<switch>_<model>_c<C>=<median on / median off>`.
+Switches: fused (fused RMSNorm + residual, `kernels/fused_norm.py`, and fused RoPE,
+`kernels/fused_rotary.py`), paged (`kernels/paged_attention.py`), greedy
+(`kernels/greedy.py`), skinny (`kernels/skinny_linear.py`).
+Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--concurrency 8]
+       [--repeats 4] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve  # noqa: E402  (the workloads and models of benchmarks/serve.py)
+
+from minicpm4.engine.config import EngineConfig  # noqa: E402
+from minicpm4.engine.llm import LLM  # noqa: E402
+from minicpm4.engine.request import SamplingParams  # noqa: E402
+from minicpm4.kernels import (fused_norm, fused_rotary, greedy, paged_attention,  # noqa: E402
+                              skinny_linear)
+from minicpm4.tokenizer import Tokenizer  # noqa: E402
+
+SWITCHES = {
+    "fused": [(fused_norm, "FUSED_NORM"), (fused_rotary, "FUSED_ROTARY")],
+    "paged": [(paged_attention, "PAGED_DECODE")],
+    "greedy": [(greedy, "GREEDY_OP")],
+    "skinny": [(skinny_linear, "SKINNY_LINEAR")],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switch", choices=sorted(SWITCHES), required=True)
+    ap.add_argument("--model", choices=sorted(serve.WORKLOADS), default="demo")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    model = serve.load_model(args.model, getattr(torch, args.dtype))
+    w = serve.WORKLOADS[args.model]
+    C = args.concurrency
+    work = serve.workload(max(w["min_requests"], w["requests_per_slot"] * C),
+                          model.config.vocab_size, w["prompt_len"], w["max_tokens"], seed=C)
+    llm = LLM(model, Tokenizer.from_pretrained(serve.BUNDLED_TOKENIZER),
+              EngineConfig(max_num_seqs=C))
+    prompts = [p for p, _ in work]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
+    tokens = sum(m for _, m in work)
+    llm.generate(prompts[:1], params[:1])  # warm-up: kernel builds, allocations
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    outputs: dict[bool, list[list[int]]] = {}
+    for rep in range(args.repeats):
+        for on in ((True, False) if rep % 2 == 0 else (False, True)):
+            for module, flag in SWITCHES[args.switch]:
+                setattr(module, flag, on)
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            runs[on].append(tokens / (time.perf_counter() - t0))
+            outputs[on] = [o.token_ids for o in outs]
+    for module, flag in SWITCHES[args.switch]:
+        setattr(module, flag, True)
+    on, off = statistics.median(runs[True]), statistics.median(runs[False])
+    print(f"# {args.model} C={C} {args.dtype}, {len(work)} requests, {tokens} tokens, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# switch {args.switch} on : " + " ".join(f"{x:.1f}" for x in runs[True]) + " tok/s")
+    print(f"# switch {args.switch} off: " + " ".join(f"{x:.1f}" for x in runs[False]) + " tok/s")
+    same = sum(a == b for a, b in zip(outputs[True], outputs[False]))
+    print(f"median on {on:.1f} tok/s, off {off:.1f} tok/s; same greedy tokens in {same} of "
+          f"{len(work)} requests")
+    print(f"RESULT engine_switch_{args.switch}_{args.model}_c{C}={on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()
