@@ -6,7 +6,8 @@ repeat, the same engine and weights, greedy), and prints every run, the medians 
 `RESULT engine_switch_<switch>_<model>_c<C>=<median on / median off>`.
 Switches: fused (fused RMSNorm + residual, `kernels/fused_norm.py`, and fused RoPE,
 `kernels/fused_rotary.py`), paged (`kernels/paged_attention.py`), greedy
-(`kernels/greedy.py`), skinny (`kernels/skinny_linear.py`).
+(`kernels/greedy.py`), skinny (`kernels/skinny_linear.py`), lean (the lean decode forward,
+`model/fast_decode.py`).
 Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--concurrency 8]
        [--repeats 4] [--dtype bfloat16]
 """
@@ -29,12 +30,14 @@ from minicpm4.engine.llm import LLM  # noqa: E402
 from minicpm4.engine.request import SamplingParams  # noqa: E402
 from minicpm4.kernels import (fused_norm, fused_rotary, greedy, paged_attention,  # noqa: E402
                               skinny_linear)
+from minicpm4.model import fast_decode  # noqa: E402
 from minicpm4.tokenizer import Tokenizer  # noqa: E402
 
 SWITCHES = {
     "fused": [(fused_norm, "FUSED_NORM"), (fused_rotary, "FUSED_ROTARY")],
     "paged": [(paged_attention, "PAGED_DECODE")],
     "greedy": [(greedy, "GREEDY_OP")],
+    "lean": [(fast_decode, "FAST_DECODE")],
     "skinny": [(skinny_linear, "SKINNY_LINEAR")],
 }
 

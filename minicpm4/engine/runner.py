@@ -7,8 +7,9 @@ nothing may be left-padded):
 - first chunks of new sequences, left-padded to a common length;
 - continuing prefill chunks, a batch per chunk length.
 These batches run as one forward (`model/grouped.py`: the token-wise parts, and so the reading
-of every weight, once for all of them; attention per batch). The logits come back as one
-`[R, V]` tensor with a row per finished sequence.
+of every weight, once for all of them; attention per batch). A step of decode rows alone takes
+the lean decode forward where it applies (`model/fast_decode.py`, bit-identical). The logits
+come back as one `[R, V]` tensor with a row per finished sequence.
 Shape legend: B rows, T tokens, V vocabulary.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from minicpm4.engine.kv_cache import BlockPool, PagedBatch
 from minicpm4.engine.sequence import Sequence
+from minicpm4.model import fast_decode
 from minicpm4.model.grouped import Batch, grouped_logits
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
 
@@ -30,6 +32,8 @@ class ModelRunner:
         self.device = model.device
         self.sparse = model.config.sparse_config is not None
         self.num_forwards = 0
+        self.fast_decode = fast_decode.supports(model)
+        """Whether decode steps may take the lean forward (`model/fast_decode.py`)."""
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]
@@ -56,6 +60,9 @@ class ModelRunner:
         self.num_forwards += 1
         if len(batches) == 1:
             b = batches[0]
+            if self.fast_decode and b.mask_BT is None and \
+                    fast_decode.applies(self.model, b.ids_BT, b.cache):
+                return fast_decode.decode_logits(self.model, b.ids_BT, b.cache), rows
             h_BTD = self.model.model(b.ids_BT, attention_mask_BT=b.mask_BT, cache=b.cache)
             logits_RV = self.model.compute_logits(h_BTD[:, -1], keep_dtype=True)
         else:  # the weights are read once for all of them
