@@ -165,44 +165,58 @@ class PagedBatch:
     def __init__(self, pool: BlockPool, block_tables: Sequence[Sequence[int]],
                  num_computed: Sequence[int], num_new: Sequence[int],
                  seq_ids: Sequence[str] | None = None) -> None:
-        B = len(block_tables)
         T = max(num_new)
-        dev = pool.k[0].device
+        self._dev = pool.k[0].device
         bs = pool.block_size
         self.pool = pool
         self._seq_ids = seq_ids
         self._S = max(num_computed)
-        past_B = torch.tensor(list(num_computed), dtype=torch.long)
-        new_B = torch.tensor(list(num_new), dtype=torch.long)
+        self._T = T
         if any(n != T and c > 0 for n, c in zip(num_new, num_computed)):
             raise ValueError("rows with stored tokens must all receive the same number of new "
                              "tokens (padding may only precede a row's first token)")
-        width = max(len(t) for t in block_tables)
-        table_BW = torch.zeros(B, max(width, 1), dtype=torch.long)
-        for b, table in enumerate(block_tables):
-            table_BW[b, :len(table)] = torch.tensor(list(table), dtype=torch.long)
-        # Past keys: row b's token i sits at column S - past[b] + i (left padding).
-        tok_BS = torch.arange(self._S).view(1, -1) - (self._S - past_B).view(-1, 1)
-        self._past_valid_BS = tok_BS >= 0
-        past_slots_BS = self._slots(table_BW, tok_BS, bs)
-        # New tokens: row b's real new tokens are the last num_new[b] of T.
+        width = max(1, max(len(t) for t in block_tables))
+        table_BW = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables],
+                                dtype=torch.long)
+        self._table_cpu_BW = table_BW
+        self._past = list(num_computed)
+        self._num_new = list(num_new)
+        self._num_valid_B = torch.tensor(self._past, dtype=torch.long).to(self._dev)
+        # a decode batch (one new token after stored ones in every row) can be attended to
+        # in the pages themselves (`decode_pages`); its new slots are plain arithmetic
+        self._decode = T == 1 and all(c > 0 for c in num_computed)
+        if self._decode:
+            self._table_BW = table_BW.to(self._dev)
+            self._lens_B = self._num_valid_B + 1
+            if any(c // bs >= len(table) for table, c in zip(block_tables, num_computed)):
+                raise ValueError("a block table has no page for the decode token")
+            slots = [table[c // bs] * bs + c % bs for table, c in zip(block_tables, num_computed)]
+            self._new_slots = torch.tensor(slots, dtype=torch.long).to(self._dev)
+        else:
+            self._new_slots = self._new_slots_BT().view(-1).to(self._dev)
+        # past keys (their slots and validity) only for the gathered path: built on first use
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _new_slots_BT(self) -> torch.Tensor:
+        """Row b's real new tokens are the last num_new[b] of T; padding -> slot 0."""
+        T = self._T
+        past_B = torch.tensor(self._past, dtype=torch.long)
+        new_B = torch.tensor(self._num_new, dtype=torch.long)
         new_tok_BT = past_B.view(-1, 1) + torch.arange(T).view(1, -1) - (T - new_B).view(-1, 1)
         new_tok_BT = torch.where(torch.arange(T).view(1, -1) >= (T - new_B).view(-1, 1),
                                  new_tok_BT, -1)
-        new_slots_BT = self._slots(table_BW, new_tok_BT, bs)
-        # a decode batch (one new token after stored ones in every row) can be attended to
-        # in the pages themselves (`decode_pages`)
-        self._decode = T == 1 and bool((past_B > 0).all())
-        if self._decode:
-            self._table_BW = table_BW.to(dev)
-            self._lens_B = (past_B + 1).to(dev)
-        self._new_slots = new_slots_BT.view(-1).to(dev)
-        # every key this forward attends over, past then new: one gather, no concatenation
-        self._all_slots = torch.cat([past_slots_BS, new_slots_BT], dim=1).view(-1).to(dev)
-        self._padded = not bool(self._past_valid_BS.all())
-        self._past_valid_BS = self._past_valid_BS.to(dev)
-        self._num_valid_B = past_B.to(dev)
-        self._T = T
+        return self._slots(self._table_cpu_BW, new_tok_BT, self.pool.block_size)
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every key's slot, past then new, flat [B * (S + T)]; past validity [B, S])."""
+        if self._gather is None:
+            past_B = torch.tensor(self._past, dtype=torch.long)
+            # Past keys: row b's token i sits at column S - past[b] + i (left padding).
+            tok_BS = torch.arange(self._S).view(1, -1) - (self._S - past_B).view(-1, 1)
+            past_slots_BS = self._slots(self._table_cpu_BW, tok_BS, self.pool.block_size)
+            all_slots = torch.cat([past_slots_BS, self._new_slots_BT()], dim=1).view(-1)
+            self._gather = (all_slots.to(self._dev), (tok_BS >= 0).to(self._dev))
+        return self._gather
 
     @staticmethod
     def _slots(table_BW: torch.Tensor, tok_BX: torch.Tensor, bs: int) -> torch.Tensor:
@@ -222,7 +236,9 @@ class PagedBatch:
         return self._S + self._T
 
     def key_valid(self) -> torch.Tensor | None:
-        return self._past_valid_BS if self._padded else None
+        if min(self._past) == self._S:  # every row has S stored tokens: no padding
+            return None
+        return self._gathered()[1]
 
     def num_valid(self) -> torch.Tensor:
         return self._num_valid_B
@@ -232,7 +248,8 @@ class PagedBatch:
         B, K, T, H = k_BKTH.shape
         for pages, new_BKTH in ((self.pool.k[layer_idx], k_BKTH),
                                 (self.pool.v[layer_idx], v_BKTH)):
-            pages.view(-1, K, H)[self._new_slots] = new_BKTH.transpose(1, 2).reshape(B * T, K, H)
+            pages.view(-1, K, H).index_copy_(0, self._new_slots,
+                                             new_BKTH.transpose(1, 2).reshape(B * T, K, H))
 
     def update(self, layer_idx: int, k_BKTH: torch.Tensor,
                v_BKTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +257,8 @@ class PagedBatch:
         if self._S == 0:
             return k_BKTH, v_BKTH
         B, K, T, H = k_BKTH.shape
-        return tuple(pages.view(-1, K, H).index_select(0, self._all_slots)
+        all_slots = self._gathered()[0]
+        return tuple(pages.view(-1, K, H).index_select(0, all_slots)
                      .view(B, self._S + T, K, H).transpose(1, 2)
                      for pages in (self.pool.k[layer_idx], self.pool.v[layer_idx]))
 
