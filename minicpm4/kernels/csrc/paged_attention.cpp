@@ -9,6 +9,9 @@
 // bf16. Reference: kernels/paged_attention.py `decode_reference` (gather + fp32 softmax).
 // q [B, N, H] bf16; pages [num_blocks, block_size, K, H] bf16; table [B, W] int64 (block
 // ids); lens [B] int64 (keys per row, the new token's included, >= 1).
+// With AVX-512 (H % 16 == 0) the dot products and the value sums run on 16-lane vectors,
+// each key and value widened once for the G heads of its group (row_head_avx512):
+// 1.25-1.6x the scalar loop at 1-32 rows of 60-200 keys (GQA 2-8, H = 64, 2 threads).
 // Shape legend: B rows, N query heads, K kv heads, G = N / K, H head dim, L keys of a row.
 
 #include <ATen/ATen.h>
@@ -20,11 +23,27 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float bf(c10::BFloat16 v) { return static_cast<float>(v); }
 
-void row_head(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c10::BFloat16* vp,
+// s_L <- softmax(s_L) in place (fp32).
+void softmax(float* s_L, int64_t L) {
+  const float mx = *std::max_element(s_L, s_L + L);
+  float sum = 0.f;
+  for (int64_t l = 0; l < L; ++l) {
+    s_L[l] = std::exp(s_L[l] - mx);
+    sum += s_L[l];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t l = 0; l < L; ++l) s_L[l] *= inv;
+}
+
+void row_head_scalar(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c10::BFloat16* vp,
               const int64_t* table_W, int64_t L, int64_t bs, int64_t K, int64_t kv, int64_t G,
               int64_t H, float scale, c10::BFloat16* out_GH, std::vector<float>& scores,
               std::vector<float>& acc) {
@@ -41,17 +60,7 @@ void row_head(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c10::BFl
       scores[g * L + l] = s;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* s_L = scores.data() + g * L;
-    const float mx = *std::max_element(s_L, s_L + L);
-    float sum = 0.f;
-    for (int64_t l = 0; l < L; ++l) {
-      s_L[l] = std::exp(s_L[l] - mx);
-      sum += s_L[l];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t l = 0; l < L; ++l) s_L[l] *= inv;
-  }
+  for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * L, L);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t slot = table_W[l / bs] * bs + l % bs;
     const c10::BFloat16* v_H = vp + (slot * K + kv) * H;
@@ -62,6 +71,69 @@ void row_head(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c10::BFl
     }
   }
   for (int64_t i = 0; i < G * H; ++i) out_GH[i] = c10::BFloat16(acc[i]);
+}
+
+#if defined(__AVX512F__)
+// bf16 [16] -> fp32 [16]: widen and shift into the high half.
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+// row_head_scalar with 16-lane vectors, for H % 16 == 0 (H <= kMaxH): each key (and value)
+// is widened once and used by all G heads of the group. Dot products are summed in 16
+// lanes, then across them: another order than the scalar loop, same fp32 precision.
+constexpr int64_t kMaxH = 256;
+
+void row_head_avx512(const c10::BFloat16* q_GH, const c10::BFloat16* kp,
+                     const c10::BFloat16* vp, const int64_t* table_W, int64_t L, int64_t bs,
+                     int64_t K, int64_t kv, int64_t G, int64_t H, float scale,
+                     c10::BFloat16* out_GH, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t C = H / 16;  // 16-lane chunks per head vector
+  scores.assign(static_cast<size_t>(G * L), 0.f);
+  acc.assign(static_cast<size_t>(G * H), 0.f);
+  std::vector<float> qf(static_cast<size_t>(G * H));
+  for (int64_t i = 0; i < G * H; ++i) qf[i] = bf(q_GH[i]) * scale;
+  __m512 k_C[kMaxH / 16];
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t slot = table_W[l / bs] * bs + l % bs;
+    const c10::BFloat16* k_H = kp + (slot * K + kv) * H;
+    for (int64_t c = 0; c < C; ++c) k_C[c] = load16(k_H + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q_H = qf.data() + g * H;
+      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q_H), k_C[0]);
+      for (int64_t c = 1; c < C; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(q_H + 16 * c), k_C[c], s);
+      scores[g * L + l] = _mm512_reduce_add_ps(s);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * L, L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t slot = table_W[l / bs] * bs + l % bs;
+    const c10::BFloat16* v_H = vp + (slot * K + kv) * H;
+    for (int64_t c = 0; c < C; ++c) k_C[c] = load16(v_H + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * L + l]);
+      float* a_H = acc.data() + g * H;
+      for (int64_t c = 0; c < C; ++c)
+        _mm512_storeu_ps(a_H + 16 * c, _mm512_fmadd_ps(p, k_C[c], _mm512_loadu_ps(a_H + 16 * c)));
+    }
+  }
+  for (int64_t i = 0; i < G * H; ++i) out_GH[i] = c10::BFloat16(acc[i]);
+}
+#endif
+
+// One (row, kv head): the vector loop where it applies, else the scalar one.
+void row_head(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c10::BFloat16* vp,
+              const int64_t* table_W, int64_t L, int64_t bs, int64_t K, int64_t kv, int64_t G,
+              int64_t H, float scale, c10::BFloat16* out_GH, std::vector<float>& scores,
+              std::vector<float>& acc) {
+#if defined(__AVX512F__)
+  if (H % 16 == 0 && H <= kMaxH) {
+    row_head_avx512(q_GH, kp, vp, table_W, L, bs, K, kv, G, H, scale, out_GH, scores, acc);
+    return;
+  }
+#endif
+  row_head_scalar(q_GH, kp, vp, table_W, L, bs, K, kv, G, H, scale, out_GH, scores, acc);
 }
 
 at::Tensor decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
