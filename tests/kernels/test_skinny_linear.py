@@ -90,6 +90,26 @@ def test_op_rows_do_not_depend_on_the_batch(built, K) -> None:
             assert torch.equal(op(x[m:m + 2], w, b), full[m:m + 2])
 
 
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 32])
+def test_linear_multi_equals_one_linear_per_weight(built, M) -> None:
+    """q/k/v-like and gate/up-like weight sets, AMX-sized and not (N < 32, N % 32 tails):
+    bit-identical to separate `linear` calls."""
+    op = torch.ops.minicpm4_skinny_gemm
+    g = torch.Generator().manual_seed(M)
+    for shapes in (((1024, 256), (128, 256), (128, 256)), ((640, 256), (640, 256)),
+                   ((40, 64), (8, 64)), ((100, 96), (32, 96)), ((50, 72),)):
+        ws = [torch.randn(n, k, generator=g).bfloat16() for n, k in shapes]
+        x = torch.randn(M, shapes[0][1], generator=g).bfloat16()
+        ys = op.linear_multi(x, ws)
+        assert len(ys) == len(ws)
+        for y, w in zip(ys, ws):
+            assert torch.equal(y, op.linear(x, w, None))
+    with pytest.raises(RuntimeError, match="no weights"):
+        op.linear_multi(x, [])
+    with pytest.raises(RuntimeError, match="inner dims differ"):
+        op.linear_multi(x, [ws[0], torch.zeros(4, 8).bfloat16()])
+
+
 def test_op_edge_cases(built) -> None:
     op = torch.ops.minicpm4_skinny_gemm.linear
     w, b = torch.randn(5, 0).bfloat16(), torch.randn(5).bfloat16()

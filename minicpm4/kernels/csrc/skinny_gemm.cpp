@@ -294,7 +294,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   }
 #if defined(SKINNY_HAVE_AMX)
   if (path == Path::kBest && amx::usable(p)) {
-    amx::run(p, [&](int64_t t0, int64_t t1) { avx512_tiles(p, t0, t1); });
+    amx::run_many({&p}, avx512_tiles);
     return y;
   }
 #endif
@@ -308,6 +308,34 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   return run(x, w, bias, Path::kBest);
+}
+
+// y_i = x @ w_i^T for several weights sharing x (e.g. q, k, v): outputs equal to separate
+// `linear` calls, computed in one parallel region (one repack of x) where AMX takes them all.
+std::vector<at::Tensor> linear_multi(const at::Tensor& x, at::TensorList ws) {
+  TORCH_CHECK(!ws.empty(), "skinny_gemm.linear_multi: no weights given");
+  std::vector<Problem> ps(ws.size());
+  std::vector<at::Tensor> ys, x_cs(ws.size()), b_cs(ws.size());
+  bool together = true;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    ys.push_back(prepare(x, ws[i], c10::nullopt, ps[i], x_cs[i], b_cs[i]));
+    if (trivial(ps[i], ys[i], b_cs[i])) together = false;
+#if defined(SKINNY_HAVE_AMX)
+    together = together && amx::usable(ps[i]);
+#else
+    together = false;
+#endif
+  }
+#if defined(SKINNY_HAVE_AMX)
+  if (together) {
+    std::vector<const Problem*> ptrs;
+    for (const Problem& p : ps) ptrs.push_back(&p);
+    amx::run_many(ptrs, avx512_tiles);
+    return ys;
+  }
+#endif
+  for (size_t i = 0; i < ws.size(); ++i) ys[i] = run(x, ws[i], c10::nullopt, Path::kBest);
+  return ys;
 }
 
 at::Tensor linear_avx512(const at::Tensor& x, const at::Tensor& w,
@@ -340,6 +368,7 @@ bool has_avx512_bf16() {
 
 TORCH_LIBRARY(minicpm4_skinny_gemm, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear);
+  m.def("linear_multi(Tensor x, Tensor[] ws) -> Tensor[]", &linear_multi);
   m.def("linear_portable(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_portable);
   m.def("linear_avx512(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_avx512);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);

@@ -188,60 +188,77 @@ void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t 
   }
 }
 
-// Runs the full groups on AMX and the remaining N % 32 rows with `tail(first_tile, end)`
-// (the AVX-512 path, in its tiles of kTileN rows).
-template <typename Tail>
-void run(const Problem& p, Tail tail) {
-  // xp[kp][m] = the pair x[m, 2 kp .. 2 kp + 1]: a transpose of x seen as [M, K / 2] uint32,
-  // 16 m at a time with one gather per kp (for M = 1 it is x itself).
-  std::vector<uint16_t> xp;
-  const uint16_t* xp_K2M2 = p.x_MK;
-  if (p.M > 1) {
-    xp.resize(static_cast<size_t>(p.M * p.K));
-    const int64_t K2 = p.K / 2;
-    const int* x32 = reinterpret_cast<const int*>(p.x_MK);
-    int* xp32 = reinterpret_cast<int*>(xp.data());
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
-      const int64_t rows = std::min<int64_t>(16, p.M - m0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-      const __m512i offs = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(K2)));
-      const int* src = x32 + m0 * K2;
-      for (int64_t kp = 0; kp < K2; ++kp) {
-        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offs,
-                                                      src + kp, 4);
-        _mm512_mask_storeu_epi32(xp32 + kp * p.M + m0, mask, v);
-      }
+// xp[kp][m] = the pair x[m, 2 kp .. 2 kp + 1]: a transpose of x seen as [M, K / 2] uint32,
+// 16 m at a time with one gather per kp. For M = 1 it is x itself (xp is left empty).
+inline const uint16_t* repack(const Problem& p, std::vector<uint16_t>& xp) {
+  if (p.M == 1) return p.x_MK;
+  xp.resize(static_cast<size_t>(p.M * p.K));
+  const int64_t K2 = p.K / 2;
+  const int* x32 = reinterpret_cast<const int*>(p.x_MK);
+  int* xp32 = reinterpret_cast<int*>(xp.data());
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, p.M - m0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+    const __m512i offs = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(K2)));
+    const int* src = x32 + m0 * K2;
+    for (int64_t kp = 0; kp < K2; ++kp) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offs,
+                                                    src + kp, 4);
+      _mm512_mask_storeu_epi32(xp32 + kp * p.M + m0, mask, v);
     }
-    xp_K2M2 = xp.data();
   }
-  const int64_t full = p.N / kGroupRows;
+  return xp.data();
+}
+
+// Runs the full groups of every problem (all sharing x: same x_MK, M and K) on AMX in one
+// parallel region, then each problem's remaining N % 32 rows with `tail(problem,
+// first_tile, end)` (the AVX-512 path, in its tiles of kTileN rows). An element's sum is
+// computed by the same code whether its weight comes alone or with others.
+template <typename Tail>
+void run_many(const std::vector<const Problem*>& ps, Tail tail) {
+  std::vector<uint16_t> xp;
+  const uint16_t* xp_K2M2 = repack(*ps[0], xp);
+  const int64_t M = ps[0]->M;
   // Chunks of groups are claimed dynamically: on a machine where the server's event loop or
   // clients share the cores, a thread that is descheduled for a while leaves its remaining
   // chunks to the others instead of making the whole call wait for it (a static split would).
-  const int64_t chunk =
-      std::max<int64_t>(1, kMinWorkPerThread / (kGroupRows * std::max<int64_t>(p.K, 1)));
-  const int64_t chunks = (full + chunk - 1) / chunk;
+  struct Chunk {
+    const Problem* p;
+    int64_t g0, g1;
+  };
+  std::vector<Chunk> work;
+  for (const Problem* p : ps) {
+    const int64_t full = p->N / kGroupRows;
+    const int64_t chunk =
+        std::max<int64_t>(1, kMinWorkPerThread / (kGroupRows * std::max<int64_t>(p->K, 1)));
+    for (int64_t g0 = 0; g0 < full; g0 += chunk) work.push_back({p, g0, std::min(full, g0 + chunk)});
+  }
+  const int64_t chunks = static_cast<int64_t>(work.size());
   auto claim = [&](int64_t c) {
-    const int64_t g0 = c * chunk, g1 = std::min(full, g0 + chunk);
-    if (p.M > 16) groups<true>(p, xp_K2M2, g0, g1);
-    else groups<false>(p, xp_K2M2, g0, g1);
+    const Chunk& w = work[static_cast<size_t>(c)];
+    if (M > 16) groups<true>(*w.p, xp_K2M2, w.g0, w.g1);
+    else groups<false>(*w.p, xp_K2M2, w.g0, w.g1);
   };
   const int nthreads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
   if (nthreads <= 1 || at::in_parallel_region()) {
-    configure(p.M);
+    configure(M);
     for (int64_t c = 0; c < chunks; ++c) claim(c);
     _tile_release();
   } else {
 #pragma omp parallel num_threads(nthreads)
     {
-      configure(p.M);
+      configure(M);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t c = 0; c < chunks; ++c) claim(c);
       _tile_release();
     }
   }
-  if (full * kGroupRows < p.N) tail(full * kGroupRows / kTileN, (p.N + kTileN - 1) / kTileN);
+  for (const Problem* p : ps) {
+    const int64_t full = p->N / kGroupRows;
+    if (full * kGroupRows < p->N)
+      tail(*p, full * kGroupRows / kTileN, (p->N + kTileN - 1) / kTileN);
+  }
 }
 
 }  // namespace amx
