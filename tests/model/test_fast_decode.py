@@ -151,3 +151,34 @@ def test_engine_takes_it_for_decode_steps_and_generates_the_same_tokens(monkeypa
     slow = [o.token_ids for o in slow_llm.generate(prompts, params)]
     assert not calls
     assert fast == slow
+
+
+@needs_ext
+def test_engine_under_preemption_and_prefix_reuse_generates_the_same_tokens(monkeypatch):
+    """16 requests sharing prompt prefixes, chunked prefill, a pool too small for all of them:
+    the lean forward runs the decode steps between preemptions and prefix hits, and every
+    output equals the one the reference forward gives (FAST_DECODE off)."""
+    from minicpm4.engine.config import EngineConfig
+    model = _model()
+    rng = random.Random(5)
+    shared = [rng.randrange(3, 512) for _ in range(9)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(rng.randint(1, 20))]
+               for _ in range(16)]
+    params = [SamplingParams(max_tokens=rng.randint(4, 14), temperature=0.0, ignore_eos=True)
+              for _ in prompts]
+    config = EngineConfig(block_size=4, num_kv_blocks=40, max_prefill_chunk=7,
+                          max_num_batched_tokens=32)
+    calls = []
+    real = fast_decode.decode_logits
+    monkeypatch.setattr(fast_decode, "decode_logits",
+                        lambda *args: calls.append(1) or real(*args))
+    llm = LLM(model, None, config)
+    fast = [o.token_ids for o in llm.generate(prompts, params)]
+    stats = llm.stats()
+    assert calls and stats["preemptions_total"] > 0
+    assert stats["prefix_cache_hit_tokens_total"] > 0
+    monkeypatch.setattr(fast_decode, "FAST_DECODE", False)
+    calls.clear()
+    slow = [o.token_ids for o in LLM(model, None, config).generate(prompts, params)]
+    assert not calls
+    assert fast == slow
