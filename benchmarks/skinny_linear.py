@@ -92,7 +92,7 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads, AVX-512 BF16 kernel: "
           f"{bool(torch.ops.minicpm4_skinny_gemm.has_avx512_bf16())}, AMX tiles: "
           f"{bool(torch.ops.minicpm4_skinny_gemm.has_amx())}, cut-over "
-          f"{skinny_linear.MAX_ROWS} rows, weights cycled through {args.cache_mb:.0f} MB "
+          f"{skinny_linear.max_rows()} rows, weights cycled through {args.cache_mb:.0f} MB "
           f"per shape (L3 {l3_bytes() / 2**20:.0f} MB)")
     print(f"{'shape':>14} {'N':>6} {'K':>5} {'M':>3} {'bf16 ms':>8} {'ours ms':>8} "
           f"{'fp32 ms':>8} {'bf16 GB/s':>9} {'ours GB/s':>9} {'fp32 GB/s':>9} {'bf16/ours':>9} "

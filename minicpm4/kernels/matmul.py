@@ -119,7 +119,8 @@ def _row_bucketed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if type(weight) not in (torch.Tensor, nn.Parameter) or needs_grad(x, weight, bias):
         return False
-    return x.numel() // x.shape[-1] > skinny_linear.MAX_ROWS
+    return x.numel() // x.shape[-1] > skinny_linear.MAX_ROWS and \
+        not skinny_linear.applies(x, weight, bias)
 
 
 def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

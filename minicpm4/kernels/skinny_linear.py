@@ -23,8 +23,8 @@ kernel only when everything below holds, and is `F.linear` otherwise:
   quantised ones, never get here: they are not bf16 tensors);
 - no autograd: grad mode off or nothing requires grad (training keeps its paths,
   `kernels/matmul.py`);
-- at most `MAX_ROWS` rows (x.numel() / K): prefill chunks keep torch's GEMM, which is
-  compute-bound there and faster;
+- at most `max_rows()` rows (x.numel() / K): 32, or 96 where the AMX tile path runs (K % 32
+  == 0 and N >= 32); larger prefill chunks keep torch's GEMM, compute-bound there and faster;
 - the extension built (`cpu_ext.load("skinny_gemm")`, once, ~15 s) and not disabled
   (`MINICPM4_CPU_EXT=0`, also read at call time, or `SKINNY_LINEAR = False` here).
 The result is bf16 like `F.linear`'s; sums are fp32 and rounded once, so values differ from
@@ -43,11 +43,31 @@ SKINNY_LINEAR = True
 """Module switch (tests and benchmarks turn it off to compare with `F.linear`)."""
 
 MAX_ROWS = 32
-"""Cut-over: more rows than this go to `F.linear`. At 32 rows the kernel is still 1.44x faster
-(geometric mean; 1.00x on the 0.5B down_proj, K = 4096) on the AVX-512 EPYC, and 1.4x with
-AMX (`benchmarks/skinny_linear.py`)."""
+"""Cut-over of the AVX-512 vector path: more rows than this go to `F.linear`. At 32 rows the
+kernel is still 1.44x faster (geometric mean; 1.00x on the 0.5B down_proj, K = 4096) on the
+AVX-512 EPYC (`benchmarks/skinny_linear.py`)."""
+
+MAX_ROWS_AMX = 96
+"""Cut-over where the AMX tile path runs (`max_rows`): rows beyond 32 go through the tiles in
+passes of 32, the weights read from memory by the first pass and from L2 by the others.
+Measured against bf16 `F.linear` on the 2-vCPU AMX Xeon (`benchmarks/skinny_linear.py --rows
+64,96,128`, the 10 shapes of the 0.5B and demo models): geometric mean 1.32x at 64 rows, 1.13x
+at 96, 1.04x at 128, with some shapes slower from 128 on
+(`benchmarks/results/2026-12_cpu-2core-amx_skinny_linear_dram.md`)."""
 
 _EXT = "skinny_gemm"
+_max_rows: int | None = None
+
+
+def max_rows() -> int:
+    """The most rows the kernel takes on this CPU: `MAX_ROWS_AMX` where the AMX tile path
+    runs, `MAX_ROWS` otherwise (and when the kernel is not available)."""
+    global _max_rows
+    if not available():
+        return MAX_ROWS
+    if _max_rows is None:
+        _max_rows = MAX_ROWS_AMX if bool(torch.ops.minicpm4_skinny_gemm.has_amx()) else MAX_ROWS
+    return _max_rows
 
 
 def available() -> bool:
@@ -70,8 +90,11 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if needs_grad(x, weight, bias):
         return False
     K = x.shape[-1]
-    if K != weight.shape[1] or K == 0 or x.numel() // K > MAX_ROWS:
+    rows = x.numel() // K if K else 0
+    if K != weight.shape[1] or K == 0 or rows > max_rows():
         return False
+    if rows > MAX_ROWS and (K % 32 or weight.shape[0] < 32):
+        return False  # more than 32 rows only on the tile path
     return available()
 
 

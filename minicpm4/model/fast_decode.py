@@ -20,7 +20,7 @@ It applies (`applies`) only where the reference would take exactly those kernels
 - the model: plain MiniCPM4 layers (softmax attention with RoPE, no InfLLM v2, no output gate,
   no biases), every weight bfloat16 on the CPU, the four C++ extensions built and switched on;
 - the step: a cache that can attend in its pages (`decode_pages`, the engine's `PagedBatch` of
-  decode rows), one token per row, no padding mask, at most `skinny_linear.MAX_ROWS` rows, no
+  decode rows), one token per row, no padding mask, at most `skinny_linear.max_rows()` rows, no
   autograd.
 Anything else returns False and the caller runs the reference forward. Module forward hooks
 do not run here (as on the skinny-GEMM path of `kernels/matmul.apply_linear`).
@@ -78,7 +78,7 @@ def applies(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> bool:
     if not (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM and fused_rotary.FUSED_ROTARY
             and paged_attention.PAGED_DECODE and cpu_ext.enabled()):
         return False
-    if ids_BT.dim() != 2 or ids_BT.shape[1] != 1 or ids_BT.shape[0] > skinny_linear.MAX_ROWS:
+    if ids_BT.dim() != 2 or ids_BT.shape[1] != 1 or ids_BT.shape[0] > skinny_linear.max_rows():
         return False
     w = lm.lm_head.weight
     if w.dtype != torch.bfloat16 or w.device.type != "cpu" or needs_grad(w):

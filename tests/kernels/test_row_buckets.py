@@ -40,7 +40,7 @@ def test_apply_linear_takes_it_only_for_bf16_cpu_inference_prefill(monkeypatch) 
     real = matmul.bucketed_linear
     monkeypatch.setattr(matmul, "bucketed_linear", lambda *a: taken.append(a[0].shape) or real(*a))
     lin = nn.Linear(64, 48, bias=False)
-    rows = skinny_linear.MAX_ROWS + 7
+    rows = skinny_linear.max_rows() + 7
     with torch.no_grad():
         matmul.apply_linear(lin, torch.randn(rows, 64))  # fp32: torch's own path
         assert not taken

@@ -138,6 +138,22 @@ def test_linear_takes_the_kernel_for_3d_and_strided_inputs(built) -> None:
     assert skinny_linear.applies(x3, w, b)
 
 
+def test_more_than_32_rows_only_on_the_tile_path(built) -> None:
+    """Up to `max_rows()` rows where AMX runs (passes of 32 rows over the same weights), 32
+    elsewhere; shapes the tiles cannot take stay at 32 rows."""
+    amx = bool(torch.ops.minicpm4_skinny_gemm.has_amx())
+    assert skinny_linear.max_rows() == (skinny_linear.MAX_ROWS_AMX if amx
+                                        else skinny_linear.MAX_ROWS)
+    for M in (33, 64, 90, skinny_linear.MAX_ROWS_AMX):
+        x, w, b = _data(M, 96, 80, seed=M)
+        assert skinny_linear.applies(x, w, b) == amx
+        _assert_bf16_close(skinny_linear.linear(x, w, b), _reference(x, w, b))
+    x, w, _ = _data(40, 96, 16)  # N < 32: no tile group
+    assert not skinny_linear.applies(x, w)
+    x, w, _ = _data(40, 72, 64)  # K % 32 != 0
+    assert not skinny_linear.applies(x, w)
+
+
 def test_linear_falls_back_to_f_linear(built, monkeypatch) -> None:
     x, w, b = _data(4, 64, 16)
     assert skinny_linear.applies(x, w, b)
@@ -145,7 +161,7 @@ def test_linear_falls_back_to_f_linear(built, monkeypatch) -> None:
     assert not skinny_linear.applies(x.float(), w.float(), b.float())
     assert torch.equal(skinny_linear.linear(x.float(), w.float()), F.linear(x.float(), w.float()))
     assert not skinny_linear.applies(x, w, b.float())
-    big = torch.randn(skinny_linear.MAX_ROWS + 1, 64).bfloat16()
+    big = torch.randn(skinny_linear.max_rows() + 1, 64).bfloat16()
     assert not skinny_linear.applies(big, w)
     assert torch.equal(skinny_linear.linear(big, w, b), F.linear(big, w, b))
     # autograd: the kernel has no backward, so grad-requiring inputs take F.linear

@@ -98,7 +98,7 @@ def _applies_checks(model, pool, tables, ids_B1, decode, monkeypatch) -> None:
     assert not fast_decode.applies(model, ids_B1, PagedBatch(pool, tables, [0, 0], [1, 1]))
     assert not fast_decode.applies(model, ids_B1, None)
     # more rows than the skinny GEMM takes
-    many = torch.zeros(skinny_linear.MAX_ROWS + 1, 1, dtype=torch.long)
+    many = torch.zeros(skinny_linear.max_rows() + 1, 1, dtype=torch.long)
     assert not fast_decode.applies(model, many, decode)
     # a kernel switched off: the reference runs its PyTorch path, so must the engine
     monkeypatch.setattr(paged_attention, "PAGED_DECODE", False)

@@ -9,9 +9,12 @@
 // the A operand and is loaded straight from its nn.Linear [N, K] layout (16 rows x 64 bytes,
 // row stride 2K bytes): no repacked copy of the weights. x^T is the B operand, which AMX wants
 // in pairs along K ("VNNI" layout): x is repacked once per call into xp[K / 2][M][2] (small).
-// A group is 32 weight rows (two A tiles) x all M rows (one or two B tiles of up to 16
-// columns); the four C tiles (2 row blocks x 2 column blocks) hold fp32 sums over the whole
-// K, are stored to a small buffer, + bias, rounded to bf16 once and written transposed.
+// A group is 32 weight rows (two A tiles) x up to 32 rows of x (one or two B tiles of up to
+// 16 columns); the four C tiles (2 row blocks x 2 column blocks) hold fp32 sums over the
+// whole K, are stored to a small buffer, + bias, rounded to bf16 once and written transposed.
+// M > 32 runs in passes of 32 rows of x over each chunk of groups: the first pass reads the
+// chunk's weights from memory, the others from L2 (the Python side sends at most 96 rows
+// here, `skinny_linear.MAX_ROWS_AMX`, beyond which oneDNN's GEMM is faster).
 // Weight rows beyond the last full group of 32 (N % 32) go to the AVX-512 path.
 // Every M from 1 to kMaxRows takes this path, although at M <= 2 the AVX-512 one is as fast
 // from memory and ~25% faster from cache (1024 x 1024 weight in L2: 17 vs 22 us at M = 1):
@@ -30,7 +33,8 @@
 
 namespace amx {
 
-constexpr int64_t kMaxRows = 32;   // two B tiles of 16 columns
+constexpr int64_t kMaxRows = 256;  // rows of x: passes of up to 32 columns (2 B tiles)
+constexpr int64_t kPassCols = 32;
 constexpr int64_t kGroupRows = 32;  // weight rows per group: two A tiles
 constexpr int64_t kStepK = 32;      // bf16 elements of K per TDPBF16PS
 // No software prefetch: the hardware prefetchers alone stream the 32 rows of a group faster.
@@ -141,8 +145,11 @@ inline void store_row32(const Problem& p, const float* c_32, int64_t n0) {
 
 // Groups [g_begin, g_end) of kGroupRows weight rows; xp_K2M2 = x repacked (see header).
 // The calling thread has loaded the tile configuration (`configure`).
+// The pass covers columns (rows of x) m0 .. m0 + cols - 1, cols <= 32, and the tiles are
+// configured for `cols` (`configure(cols)`).
 template <bool TwoColumnBlocks>
-void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t g_end) {
+void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t g_end,
+            int64_t m0, int64_t cols) {
   alignas(64) float c_16x16[16 * 16];
   const int64_t w_stride = p.K * 2, x_stride = p.M * 4;  // bytes between tile rows
   for (int64_t g = g_begin; g < g_end; ++g) {
@@ -156,7 +163,7 @@ void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t 
       _tile_zero(3);
     }
     for (int64_t k = 0; k < p.K; k += kStepK) {
-      const uint16_t* xk = xp_K2M2 + (k / 2) * p.M * 2;
+      const uint16_t* xk = xp_K2M2 + (k / 2) * p.M * 2 + m0 * 2;
       _tile_loadd(4, xk, x_stride);
       if (TwoColumnBlocks) _tile_loadd(5, xk + 16 * 2, x_stride);
       _tile_loadd(6, w0 + k, w_stride);
@@ -174,16 +181,16 @@ void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t 
       store_row32(p, c_16x16, n0);
       continue;
     }
-    const int64_t cols0 = std::min<int64_t>(p.M, 16);
+    const int64_t cols0 = std::min<int64_t>(cols, 16);
     _tile_stored(0, c_16x16, 64);
-    store_block(p, c_16x16, n0, 0, cols0);
+    store_block(p, c_16x16, n0, m0, cols0);
     _tile_stored(2, c_16x16, 64);
-    store_block(p, c_16x16, n0 + 16, 0, cols0);
+    store_block(p, c_16x16, n0 + 16, m0, cols0);
     if (TwoColumnBlocks) {
       _tile_stored(1, c_16x16, 64);
-      store_block(p, c_16x16, n0, 16, p.M - 16);
+      store_block(p, c_16x16, n0, m0 + 16, cols - 16);
       _tile_stored(3, c_16x16, 64);
-      store_block(p, c_16x16, n0 + 16, 16, p.M - 16);
+      store_block(p, c_16x16, n0 + 16, m0 + 16, cols - 16);
     }
   }
 }
@@ -235,22 +242,32 @@ void run_many(const std::vector<const Problem*>& ps, Tail tail) {
     for (int64_t g0 = 0; g0 < full; g0 += chunk) work.push_back({p, g0, std::min(full, g0 + chunk)});
   }
   const int64_t chunks = static_cast<int64_t>(work.size());
-  auto claim = [&](int64_t c) {
+  // A chunk's weights are read from memory by its first pass of 32 columns and from L2 by
+  // the others (a chunk is <= 128 KB of weights for K <= 2048: kMinWorkPerThread * 2 bytes).
+  // The tiles are reconfigured only when a pass's column count differs from the last one.
+  auto claim = [&](int64_t c, int64_t& configured) {
     const Chunk& w = work[static_cast<size_t>(c)];
-    if (M > 16) groups<true>(*w.p, xp_K2M2, w.g0, w.g1);
-    else groups<false>(*w.p, xp_K2M2, w.g0, w.g1);
+    for (int64_t m0 = 0; m0 < M; m0 += kPassCols) {
+      const int64_t cols = std::min(kPassCols, M - m0);
+      if (cols != configured) {
+        configure(cols);
+        configured = cols;
+      }
+      if (cols > 16) groups<true>(*w.p, xp_K2M2, w.g0, w.g1, m0, cols);
+      else groups<false>(*w.p, xp_K2M2, w.g0, w.g1, m0, cols);
+    }
   };
   const int nthreads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
   if (nthreads <= 1 || at::in_parallel_region()) {
-    configure(M);
-    for (int64_t c = 0; c < chunks; ++c) claim(c);
+    int64_t configured = 0;
+    for (int64_t c = 0; c < chunks; ++c) claim(c, configured);
     _tile_release();
   } else {
 #pragma omp parallel num_threads(nthreads)
     {
-      configure(M);
+      int64_t configured = 0;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < chunks; ++c) claim(c);
+      for (int64_t c = 0; c < chunks; ++c) claim(c, configured);
       _tile_release();
     }
   }
