@@ -19,6 +19,7 @@ import torch
 
 from minicpm4.engine.kv_cache import BlockPool, PagedBatch
 from minicpm4.engine.sequence import Sequence
+from minicpm4.kernels import cpu_ext
 from minicpm4.model import fast_decode
 from minicpm4.model.grouped import Batch, grouped_logits
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
@@ -32,6 +33,8 @@ class ModelRunner:
         self.device = model.device
         self.sparse = model.config.sparse_config is not None
         self.num_forwards = 0
+        if self.device.type == "cpu" and model.dtype == torch.bfloat16 and cpu_ext.enabled():
+            cpu_ext.preload()  # builds happen now, not inside the first request
         self.fast_decode = fast_decode.supports(model)
         """Whether decode steps may take the lean forward (`model/fast_decode.py`)."""
 

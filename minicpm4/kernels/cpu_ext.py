@@ -58,6 +58,16 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "minicpm4" / "ext"
 
 
+INFERENCE_EXTENSIONS = ("skinny_gemm", "rms_norm", "rotary", "paged_attention", "greedy")
+"""The kernels a bf16 CPU engine step may use (`preload`)."""
+
+
+def preload(names=INFERENCE_EXTENSIONS) -> dict[str, bool]:
+    """`load` each of `names` now (an engine calls it at start, so that a first build, ~15 s
+    per kernel, happens before the first request rather than inside it)."""
+    return {name: load(name) for name in names}
+
+
 def load(name: str) -> bool:
     """Build (once) and load `csrc/<name>.cpp`; True when its ops are registered.
 
