@@ -191,14 +191,16 @@ class PagedBatch:
             if any(c // bs >= len(table) for table, c in zip(block_tables, num_computed)):
                 raise ValueError("a block table has no page for the decode token")
             slots = [table[c // bs] * bs + c % bs for table, c in zip(block_tables, num_computed)]
-            self._new_slots = torch.tensor(slots, dtype=torch.long).to(self._dev)
+            self._new_slots_BT = torch.tensor(slots, dtype=torch.long).view(-1, 1)
         else:
-            self._new_slots = self._new_slots_BT().view(-1).to(self._dev)
+            self._new_slots_BT = self._slots_of_new_tokens()
+        self._new_slots = self._new_slots_BT.view(-1).to(self._dev)
         # past keys (their slots and validity) only for the gathered path: built on first use
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _new_slots_BT(self) -> torch.Tensor:
-        """Row b's real new tokens are the last num_new[b] of T; padding -> slot 0."""
+    def _slots_of_new_tokens(self) -> torch.Tensor:
+        """[B, T] on the CPU: row b's real new tokens are the last num_new[b] of T; padding ->
+        slot 0."""
         T = self._T
         past_B = torch.tensor(self._past, dtype=torch.long)
         new_B = torch.tensor(self._num_new, dtype=torch.long)
@@ -214,7 +216,7 @@ class PagedBatch:
             # Past keys: row b's token i sits at column S - past[b] + i (left padding).
             tok_BS = torch.arange(self._S).view(1, -1) - (self._S - past_B).view(-1, 1)
             past_slots_BS = self._slots(self._table_cpu_BW, tok_BS, self.pool.block_size)
-            all_slots = torch.cat([past_slots_BS, self._new_slots_BT()], dim=1).view(-1)
+            all_slots = torch.cat([past_slots_BS, self._new_slots_BT], dim=1).view(-1)
             self._gather = (all_slots.to(self._dev), (tok_BS >= 0).to(self._dev))
         return self._gather
 

@@ -114,13 +114,13 @@ def bucket_rows(m: int) -> int:
 
 
 def _row_bucketed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """For `apply_linear`, after the skinny kernel did not take x."""
     if not ROW_BUCKETS or x.device.type != "cpu" or x.dtype != torch.bfloat16 \
             or weight.dtype != torch.bfloat16 or x.dim() == 0 or x.shape[-1] == 0:
         return False
     if type(weight) not in (torch.Tensor, nn.Parameter) or needs_grad(x, weight, bias):
         return False
-    return x.numel() // x.shape[-1] > skinny_linear.MAX_ROWS and \
-        not skinny_linear.applies(x, weight, bias)
+    return x.numel() // x.shape[-1] > skinny_linear.MAX_ROWS
 
 
 def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

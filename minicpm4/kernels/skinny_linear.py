@@ -56,18 +56,18 @@ at 96, 1.04x at 128, with some shapes slower from 128 on
 (`benchmarks/results/2026-12_cpu-2core-amx_skinny_linear_dram.md`)."""
 
 _EXT = "skinny_gemm"
-_max_rows: int | None = None
+_has_amx: bool | None = None  # the op's answer, asked once
 
 
 def max_rows() -> int:
     """The most rows the kernel takes on this CPU: `MAX_ROWS_AMX` where the AMX tile path
     runs, `MAX_ROWS` otherwise (and when the kernel is not available)."""
-    global _max_rows
+    global _has_amx
     if not available():
         return MAX_ROWS
-    if _max_rows is None:
-        _max_rows = MAX_ROWS_AMX if bool(torch.ops.minicpm4_skinny_gemm.has_amx()) else MAX_ROWS
-    return _max_rows
+    if _has_amx is None:
+        _has_amx = bool(torch.ops.minicpm4_skinny_gemm.has_amx())
+    return MAX_ROWS_AMX if _has_amx else MAX_ROWS
 
 
 def available() -> bool:
@@ -90,11 +90,11 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if needs_grad(x, weight, bias):
         return False
     K = x.shape[-1]
-    rows = x.numel() // K if K else 0
-    if K != weight.shape[1] or K == 0 or rows > max_rows():
+    if K != weight.shape[1] or K == 0:
         return False
-    if rows > MAX_ROWS and (K % 32 or weight.shape[0] < 32):
-        return False  # more than 32 rows only on the tile path
+    rows = x.numel() // K
+    if rows > MAX_ROWS and (K % 32 or weight.shape[0] < 32 or rows > max_rows()):
+        return False  # more than 32 rows only on the tile path, up to `max_rows()`
     return available()
 
 

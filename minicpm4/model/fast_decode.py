@@ -12,9 +12,9 @@ bit-identical to the reference's (tests/model/test_fast_decode.py). The q/k/v pr
 as one `linear_multi` call, and gate/up as another: the skinny GEMM's several-weight entry,
 whose outputs equal one `linear` call per weight bit for bit (tests/kernels/
 test_skinny_linear.py) while sharing one repack of the input and one parallel region (demo
-model offline, alternating A/B: 1.03x at batch 1, 1.05-1.14x at batch 8). Measured (offline engine,
-48 greedy steps, same tokens): demo model 3.9 -> 2.55 ms per step at batch 1, 0.5B-shaped
-45-48 -> 38 ms.
+model offline, alternating A/B: 1.03x at batch 1, 1.05-1.14x at batch 8). Measured (offline
+engine, 48 greedy steps, same tokens): demo model 3.9 -> 2.55 ms per step at batch 1,
+0.5B-shaped 45-48 -> 38 ms.
 
 It applies (`applies`) only where the reference would take exactly those kernels:
 - the model: plain MiniCPM4 layers (softmax attention with RoPE, no InfLLM v2, no output gate,
@@ -75,8 +75,9 @@ def supports(lm: MiniCPM4ForCausalLM) -> bool:
 
 def applies(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> bool:
     """Whether this step may take `decode_logits` (given `supports(lm)` holds)."""
-    if not (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM and fused_rotary.FUSED_ROTARY
-            and paged_attention.PAGED_DECODE and cpu_ext.enabled()):
+    if not (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM
+            and fused_rotary.FUSED_ROTARY and paged_attention.PAGED_DECODE
+            and cpu_ext.enabled()):
         return False
     if ids_BT.dim() != 2 or ids_BT.shape[1] != 1 or ids_BT.shape[0] > skinny_linear.max_rows():
         return False

@@ -179,7 +179,6 @@ class MiniCPM4Model(nn.Module):
             cache.advance(valid_BT, T)
         return self.norm(x_BTD)
 
-
     def attention_inputs(self, input_ids_BT: torch.Tensor, *,
                          attention_mask_BT: torch.Tensor | None = None,
                          positions_BT: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -25,7 +25,7 @@ def test_decode_slots_follow_the_block_tables() -> None:
     pb = PagedBatch(pool, tables, past, [1, 1, 1])
     assert pb._decode
     assert pb._new_slots.tolist() == [2 * BS + 1, 7 * BS + 2, 4 * BS + 0]
-    assert torch.equal(pb._new_slots, pb._new_slots_BT().view(-1))  # the general formula
+    assert torch.equal(pb._new_slots, pb._slots_of_new_tokens().view(-1))  # the general formula
     k_BKTH = torch.randn(3, pool.cfg.num_key_value_heads, 1, pool.cfg.head_dim_)
     pb.write(1, k_BKTH, -k_BKTH)
     for b, slot in enumerate(pb._new_slots.tolist()):

@@ -1,7 +1,7 @@
 """Fused RMSNorm / residual-add + RMSNorm (kernels/fused_norm.py, csrc/rms_norm.cpp): equal to
 the PyTorch reference (`model/layers.RMSNorm`, bf16 tensor ops) up to rare neighbouring bf16
-roundings of the normed values, the residual sum exactly; the reference wherever the kernel must not run; a
-bf16 model decodes the same tokens with and without it."""
+roundings of the normed values, the residual sum exactly; the reference wherever the kernel
+must not run; a bf16 model decodes the same tokens with and without it."""
 
 from __future__ import annotations
 

@@ -104,6 +104,10 @@ def test_linear_multi_equals_one_linear_per_weight(built, M) -> None:
         assert len(ys) == len(ws)
         for y, w in zip(ys, ws):
             assert torch.equal(y, op.linear(x, w, None))
+    # a weight without rows beside real ones: an empty output, the others as before
+    empty = torch.zeros(0, ws[0].shape[1], dtype=torch.bfloat16)
+    y0, y1 = op.linear_multi(x, [ws[0], empty])
+    assert torch.equal(y0, op.linear(x, ws[0], None)) and y1.shape == (M, 0)
     with pytest.raises(RuntimeError, match="no weights"):
         op.linear_multi(x, [])
     with pytest.raises(RuntimeError, match="inner dims differ"):

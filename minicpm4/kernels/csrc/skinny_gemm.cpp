@@ -280,22 +280,18 @@ bool trivial(const Problem& p, at::Tensor& y, const at::Tensor& b_c) {
 
 enum class Path { kBest, kVector, kPortable };
 
-// kBest: AMX tiles where usable, else the AVX-512 BF16 vector path, else the portable loop;
-// kVector skips the tiles (tests and benchmarks compare the paths).
-at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-               Path path) {
-  Problem p;
-  at::Tensor x_c, b_c;
-  at::Tensor y = prepare(x, w, bias, p, x_c, b_c);
-  if (trivial(p, y, b_c)) return y;
+// Fills y of a prepared, non-trivial problem. kBest: AMX tiles where usable, else the AVX-512
+// BF16 vector path, else the portable loop; kVector skips the tiles (tests and benchmarks
+// compare the paths).
+void compute(const Problem& p, Path path) {
   if (path == Path::kPortable) {
     run_portable(p);
-    return y;
+    return;
   }
 #if defined(SKINNY_HAVE_AMX)
   if (path == Path::kBest && amx::usable(p)) {
     amx::run_many({&p}, avx512_tiles);
-    return y;
+    return;
   }
 #endif
 #if defined(__AVX512BF16__)
@@ -303,6 +299,14 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 #else
   run_portable(p);
 #endif
+}
+
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+               Path path) {
+  Problem p;
+  at::Tensor x_c, b_c;
+  at::Tensor y = prepare(x, w, bias, p, x_c, b_c);
+  if (!trivial(p, y, b_c)) compute(p, path);
   return y;
 }
 
@@ -316,25 +320,19 @@ std::vector<at::Tensor> linear_multi(const at::Tensor& x, at::TensorList ws) {
   TORCH_CHECK(!ws.empty(), "skinny_gemm.linear_multi: no weights given");
   std::vector<Problem> ps(ws.size());
   std::vector<at::Tensor> ys, x_cs(ws.size()), b_cs(ws.size());
-  bool together = true;
+  std::vector<const Problem*> todo;  // the non-trivial problems
   for (size_t i = 0; i < ws.size(); ++i) {
     ys.push_back(prepare(x, ws[i], c10::nullopt, ps[i], x_cs[i], b_cs[i]));
-    if (trivial(ps[i], ys[i], b_cs[i])) together = false;
-#if defined(SKINNY_HAVE_AMX)
-    together = together && amx::usable(ps[i]);
-#else
-    together = false;
-#endif
+    if (!trivial(ps[i], ys[i], b_cs[i])) todo.push_back(&ps[i]);
   }
 #if defined(SKINNY_HAVE_AMX)
-  if (together) {
-    std::vector<const Problem*> ptrs;
-    for (const Problem& p : ps) ptrs.push_back(&p);
-    amx::run_many(ptrs, avx512_tiles);
+  if (!todo.empty() && std::all_of(todo.begin(), todo.end(),
+                                   [](const Problem* p) { return amx::usable(*p); })) {
+    amx::run_many(todo, avx512_tiles);
     return ys;
   }
 #endif
-  for (size_t i = 0; i < ws.size(); ++i) ys[i] = run(x, ws[i], c10::nullopt, Path::kBest);
+  for (const Problem* p : todo) compute(*p, Path::kBest);
   return ys;
 }
 
