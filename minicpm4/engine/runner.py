@@ -7,7 +7,8 @@ nothing may be left-padded):
 - first chunks of new sequences, left-padded to a common length;
 - continuing prefill chunks, a batch per chunk length.
 These batches run as one forward (`model/grouped.py`: the token-wise parts, and so the reading
-of every weight, once for all of them; attention per batch). A step of decode rows alone takes
+of every weight, once for all of them and only for real tokens; attention per batch), as does
+a lone padded batch (its padding left out of the GEMMs). A step of decode rows alone takes
 the lean decode forward where it applies (`model/fast_decode.py`, bit-identical). The logits
 come back as one `[R, V]` tensor with a row per finished sequence.
 Shape legend: B rows, T tokens, V vocabulary.
@@ -61,14 +62,13 @@ class ModelRunner:
             offset += len(group)
         batches = [self._batch(group) for group in groups]
         self.num_forwards += 1
-        if len(batches) == 1:
+        if len(batches) == 1 and batches[0].mask_BT is None:
             b = batches[0]
-            if self.fast_decode and b.mask_BT is None and \
-                    fast_decode.applies(self.model, b.ids_BT, b.cache):
+            if self.fast_decode and fast_decode.applies(self.model, b.ids_BT, b.cache):
                 return fast_decode.decode_logits(self.model, b.ids_BT, b.cache), rows
-            h_BTD = self.model.model(b.ids_BT, attention_mask_BT=b.mask_BT, cache=b.cache)
+            h_BTD = self.model.model(b.ids_BT, cache=b.cache)
             logits_RV = self.model.compute_logits(h_BTD[:, -1], keep_dtype=True)
-        else:  # the weights are read once for all of them
+        else:  # the weights are read once for all of them, and for no padding token
             logits_RV = grouped_logits(self.model, batches, keep_dtype=True)
         return logits_RV, rows
 
