@@ -2,14 +2,17 @@
 
 For one kernel switch (`--switch`), runs `LLM.generate` on `benchmarks/serve.py`'s workload
 for a model and concurrency, alternately with the switch on and off (the order flipped every
-repeat, the same engine and weights, greedy), and prints every run, the medians and last
+repeat, the same weights, greedy), and prints every run, the medians and last
 `RESULT engine_switch_<switch>_<model>_c<C>=<median on / median off>`.
 Switches: fused (fused RMSNorm + residual, `kernels/fused_norm.py`, and fused RoPE,
 `kernels/fused_rotary.py`), paged (`kernels/paged_attention.py`), greedy
 (`kernels/greedy.py`), skinny (`kernels/skinny_linear.py`), lean (the lean decode forward,
-`model/fast_decode.py`).
+`model/fast_decode.py`), rows160 (the AMX tile path's cut-over `skinny_linear.MAX_ROWS_AMX`
+at 160 rows against 96: prefill chunks of 97-160 rows on the tiles instead of oneDNN).
+With `--fresh` every run gets a new engine, so that no run reuses the prompts' prefixes
+cached by the runs before it (without it, only the first run prefills every prompt).
 Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--concurrency 8]
-       [--repeats 4] [--dtype bfloat16]
+       [--repeats 4] [--dtype bfloat16] [--fresh]
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from minicpm4.kernels import (fused_norm, fused_rotary, greedy, paged_attention,
 from minicpm4.model import fast_decode  # noqa: E402
 from minicpm4.tokenizer import Tokenizer  # noqa: E402
 
-SWITCHES = {
-    "fused": [(fused_norm, "FUSED_NORM"), (fused_rotary, "FUSED_ROTARY")],
-    "paged": [(paged_attention, "PAGED_DECODE")],
-    "greedy": [(greedy, "GREEDY_OP")],
-    "lean": [(fast_decode, "FAST_DECODE")],
-    "skinny": [(skinny_linear, "SKINNY_LINEAR")],
+SWITCHES = {  # name: [(module, attribute, value on, value off)]
+    "fused": [(fused_norm, "FUSED_NORM", True, False),
+              (fused_rotary, "FUSED_ROTARY", True, False)],
+    "paged": [(paged_attention, "PAGED_DECODE", True, False)],
+    "greedy": [(greedy, "GREEDY_OP", True, False)],
+    "lean": [(fast_decode, "FAST_DECODE", True, False)],
+    "skinny": [(skinny_linear, "SKINNY_LINEAR", True, False)],
+    "rows160": [(skinny_linear, "MAX_ROWS_AMX", 160, 96)],
 }
 
 
@@ -49,6 +54,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--fresh", action="store_true",
+                    help="a new engine per run (no prefix reuse from the runs before: every "
+                         "prompt is prefilled, as a server sees new prompts)")
     args = ap.parse_args()
     model = serve.load_model(args.model, getattr(torch, args.dtype))
     w = serve.WORKLOADS[args.model]
@@ -65,14 +73,17 @@ def main() -> None:
     outputs: dict[bool, list[list[int]]] = {}
     for rep in range(args.repeats):
         for on in ((True, False) if rep % 2 == 0 else (False, True)):
-            for module, flag in SWITCHES[args.switch]:
-                setattr(module, flag, on)
+            for module, flag, value_on, value_off in SWITCHES[args.switch]:
+                setattr(module, flag, value_on if on else value_off)
+            if args.fresh:
+                llm = LLM(model, llm.tokenizer, EngineConfig(max_num_seqs=C))
+                llm.generate(prompts[:1], params[:1])
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params)
             runs[on].append(tokens / (time.perf_counter() - t0))
             outputs[on] = [o.token_ids for o in outs]
-    for module, flag in SWITCHES[args.switch]:
-        setattr(module, flag, True)
+    for module, flag, value_on, _ in SWITCHES[args.switch]:
+        setattr(module, flag, value_on)
     on, off = statistics.median(runs[True]), statistics.median(runs[False])
     print(f"# {args.model} C={C} {args.dtype}, {len(work)} requests, {tokens} tokens, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -23,7 +23,7 @@ kernel only when everything below holds, and is `F.linear` otherwise:
   quantised ones, never get here: they are not bf16 tensors);
 - no autograd: grad mode off or nothing requires grad (training keeps its paths,
   `kernels/matmul.py`);
-- at most `max_rows()` rows (x.numel() / K): 32, or 96 where the AMX tile path runs (K % 32
+- at most `max_rows()` rows (x.numel() / K): 32, or 160 where the AMX tile path runs (K % 32
   == 0 and N >= 32); larger prefill chunks keep torch's GEMM, compute-bound there and faster;
 - the extension built (`cpu_ext.load("skinny_gemm")`, once, ~15 s) and not disabled
   (`MINICPM4_CPU_EXT=0`, also read at call time, or `SKINNY_LINEAR = False` here).
@@ -47,13 +47,20 @@ MAX_ROWS = 32
 kernel is still 1.44x faster (geometric mean; 1.00x on the 0.5B down_proj, K = 4096) on the
 AVX-512 EPYC (`benchmarks/skinny_linear.py`)."""
 
-MAX_ROWS_AMX = 96
+MAX_ROWS_AMX = 160
 """Cut-over where the AMX tile path runs (`max_rows`): rows beyond 32 go through the tiles in
 passes of 32, the weights read from memory by the first pass and from L2 by the others.
-Measured against bf16 `F.linear` on the 2-vCPU AMX Xeon (`benchmarks/skinny_linear.py --rows
-64,96,128`, the 10 shapes of the 0.5B and demo models): geometric mean 1.32x at 64 rows, 1.13x
-at 96, 1.04x at 128, with some shapes slower from 128 on
-(`benchmarks/results/2026-12_cpu-2core-amx_skinny_linear_dram.md`)."""
+What the engine would run instead is `kernels/matmul.bucketed_linear` (oneDNN on rows padded
+to a bucket), so that is the comparison: on the 2-vCPU AMX Xeon, per shape of the 0.5B and demo
+models, the tile path is faster at 97-140 rows (e.g. 0.5B gate/up 738 vs 814 us at 120 rows,
+demo q 24 vs 52 us), even at 160 and slower from 176 on (0.5B gate/up 1125 vs 1059 us);
+against oneDNN at a constant row count (a primitive cached for it, which varying prefill
+chunks do not get) the tile path is 1.32x / 1.13x / 1.04x at 64 / 96 / 128 rows (geometric
+mean, `benchmarks/skinny_linear.py --rows 64,96,128`). Those GEMMs are a small part of an
+engine run: `benchmarks/engine_switches.py --switch rows160 --fresh` (160 vs 96) gave 0.989x
+/ 1.009x on the demo at C = 8 / 1, 1.005x on the 0.5B-shaped model at C = 32, and a
+throwaway A/B in a slower phase of the VM 1.085x / 1.007x / 1.037x
+(`benchmarks/results/2026-12_cpu-2core-amx_engine_switches.md`)."""
 
 _EXT = "skinny_gemm"
 _has_amx: bool | None = None  # the op's answer, asked once

@@ -13,7 +13,7 @@
 // 16 columns); the four C tiles (2 row blocks x 2 column blocks) hold fp32 sums over the
 // whole K, are stored to a small buffer, + bias, rounded to bf16 once and written transposed.
 // M > 32 runs in passes of 32 rows of x over each chunk of groups: the first pass reads the
-// chunk's weights from memory, the others from L2 (the Python side sends at most 96 rows
+// chunk's weights from memory, the others from L2 (the Python side sends at most 160 rows
 // here, `skinny_linear.MAX_ROWS_AMX`, beyond which oneDNN's GEMM is faster).
 // Weight rows beyond the last full group of 32 (N % 32) go to the AVX-512 path.
 // Every M from 1 to kMaxRows takes this path, although at M <= 2 the AVX-512 one is as fast
