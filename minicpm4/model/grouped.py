@@ -55,6 +55,7 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
     # per batch: the flat [B * T] positions of its real tokens, None when none is padding
     real = [None if valid_BT is None else valid_BT.reshape(-1).nonzero().squeeze(1)
             for _, valid_BT in prepared]
+    counts = [B * T if keep is None else keep.numel() for (B, T), keep in zip(shapes, real)]
     ids_1N = torch.cat([b.ids_BT.reshape(-1) if keep is None else
                         b.ids_BT.reshape(-1).index_select(0, keep)
                         for b, keep in zip(batches, real)]).view(1, -1)
@@ -67,8 +68,8 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
     def attend_per_batch(h_1ND: torch.Tensor, attn: Attention) -> torch.Tensor:
         q_1NF, k_1NF, v_1NF = attn.project(h_1ND)
         outs, start = [], 0
-        for (B, T), (inp, _), keep in zip(shapes, prepared, real):
-            end = start + (B * T if keep is None else keep.numel())
+        for (B, T), (inp, _), keep, n in zip(shapes, prepared, real, counts):
+            end = start + n
             out_BTF = attn.attend(*(padded(t_1NF[0, start:end], keep, B, T)
                                     for t_1NF in (q_1NF, k_1NF, v_1NF)), inp)
             out_NF = out_BTF.reshape(B * T, -1)
@@ -79,15 +80,11 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
     x_1ND = model.embed_tokens(ids_1N) * model.embed_scale
     for layer in model.layers:
         x_1ND = layer.block(x_1ND, lambda h, attn=layer.self_attn: attend_per_batch(h, attn))
-    last, start = [], 0
-    for (B, T), batch, (_, valid_BT), keep in zip(shapes, batches, prepared, real):
+    last, start = [], 0  # a row's last token is real (left padding): its last packed one
+    for (B, T), batch, (_, valid_BT) in zip(shapes, batches, prepared):
         batch.cache.advance(valid_BT, T)
-        if keep is None:
-            last.extend(start + b * T + T - 1 for b in range(B))
-            start += B * T
-        else:  # left padding: a row's last token is real, the last of the row's real ones
-            ends_B = valid_BT.sum(dim=1).cumsum(0) - 1
-            last.extend(start + int(e) for e in ends_B)
-            start += keep.numel()
+        for n in [T] * B if valid_BT is None else valid_BT.sum(dim=1).tolist():
+            start += n
+            last.append(start - 1)
     h_RD = model.norm(x_1ND[0].index_select(0, torch.tensor(last, device=x_1ND.device)))
     return lm.compute_logits(h_RD, keep_dtype=keep_dtype)
