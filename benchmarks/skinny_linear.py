@@ -12,7 +12,11 @@ Xeon VM, so the AMX-era records measured L3, not memory, bandwidth.
 Prints per shape the times, the weight bytes streamed per second (GB/s, 2 bytes per bf16 and
 4 per fp32 weight), the ratio F.linear bf16 / ours, and last
 `RESULT skinny_linear_speedup_m8=<geometric mean over shapes of that ratio at M = 8>`.
+With `--bucketed`, also times `kernels/matmul.bucketed_linear` (oneDNN on rows padded to a
+bucket: what the engine runs for more rows than `skinny_linear.max_rows()`) and prints the
+ratio bucketed / ours, the comparison behind the kernel's row cut-over.
 Usage: python benchmarks/skinny_linear.py [--rows 1,8,32] [--cache-mb MB] [--min-time 0.3]
+       [--bucketed]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minicpm4.kernels import cpu_ext, skinny_linear
+from minicpm4.kernels import cpu_ext, matmul, skinny_linear
 from minicpm4.loading import BUNDLED_MODEL, PRESETS
 from minicpm4.model.config import ModelConfig
 from minicpm4.model.hf import load_config
@@ -79,6 +83,8 @@ def main() -> None:
                     help="bf16 weight copies per shape: at least this many MB (default: 2.5x "
                          "the L3, at least 96)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    ap.add_argument("--bucketed", action="store_true",
+                    help="also time matmul.bucketed_linear (the engine's path past the cut-over)")
     args = ap.parse_args()
     if args.cache_mb is None:
         args.cache_mb = max(96.0, 2.5 * l3_bytes() / 2**20)
@@ -96,7 +102,7 @@ def main() -> None:
           f"per shape (L3 {l3_bytes() / 2**20:.0f} MB)")
     print(f"{'shape':>14} {'N':>6} {'K':>5} {'M':>3} {'bf16 ms':>8} {'ours ms':>8} "
           f"{'fp32 ms':>8} {'bf16 GB/s':>9} {'ours GB/s':>9} {'fp32 GB/s':>9} {'bf16/ours':>9} "
-          f"{'fp32/ours':>9}")
+          f"{'fp32/ours':>9}" + (f" {'bkt ms':>8} {'bkt/ours':>8}" if args.bucketed else ""))
     ratios: dict[int, list[float]] = {m: [] for m in rows}
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -115,12 +121,17 @@ def main() -> None:
                 xs32 = [x.float() for x in xs[:len(ws32)]]
                 t_fp32 = time_cycled(F.linear, xs32, ws32, args.min_time)
                 del ws32, xs32
+                extra = ""
+                if args.bucketed:
+                    t_bkt = time_cycled(lambda x, w: matmul.bucketed_linear(x, w), xs, ws,
+                                        args.min_time)
+                    extra = f" {t_bkt * 1e3:>8.3f} {t_bkt / t_ours:>8.2f}"
                 gb = N * K * 2 / 1e9
                 ratios[M].append(t_bf16 / t_ours)
                 print(f"{label:>14} {N:>6} {K:>5} {M:>3} {t_bf16 * 1e3:>8.3f} "
                       f"{t_ours * 1e3:>8.3f} {t_fp32 * 1e3:>8.3f} {gb / t_bf16:>9.1f} "
                       f"{gb / t_ours:>9.1f} {2 * gb / t_fp32:>9.1f} {t_bf16 / t_ours:>9.2f} "
-                      f"{t_fp32 / t_ours:>9.2f}", flush=True)
+                      f"{t_fp32 / t_ours:>9.2f}" + extra, flush=True)
             del ws
     for M in rows:
         geo = math.exp(sum(math.log(r) for r in ratios[M]) / len(ratios[M]))

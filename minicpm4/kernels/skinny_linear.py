@@ -51,10 +51,11 @@ MAX_ROWS_AMX = 160
 """Cut-over where the AMX tile path runs (`max_rows`): rows beyond 32 go through the tiles in
 passes of 32, the weights read from memory by the first pass and from L2 by the others.
 What the engine would run instead is `kernels/matmul.bucketed_linear` (oneDNN on rows padded
-to a bucket), so that is the comparison: on the 2-vCPU AMX Xeon, per shape of the 0.5B and demo
-models, the tile path is faster at 97-140 rows (e.g. 0.5B gate/up 738 vs 814 us at 120 rows,
-demo q 24 vs 52 us), mostly even at 160 (0.5B q/o slower: 273 vs 243 us) and slower from
-176 on (0.5B gate/up 1125 vs 1059 us);
+to a bucket), so that is the comparison (`benchmarks/skinny_linear.py --rows 120,160,176
+--bucketed`, weights from memory, 2-vCPU AMX Xeon): bucketed / tiles 1.13-2.05x at 120 rows
+and 1.01-1.61x at 160 on every layer shape of the 0.5B and demo models, 0.98-2.10x at 176
+(0.5B down and q/o slower on the tiles there); the LM heads, which never see that many rows
+in the engine, 0.87-1.36x;
 against oneDNN at a constant row count (a primitive cached for it, which varying prefill
 chunks do not get) the tile path is 1.32x / 1.13x / 1.04x at 64 / 96 / 128 rows (geometric
 mean, `benchmarks/skinny_linear.py --rows 64,96,128`). Those GEMMs are a small part of an
