@@ -36,8 +36,10 @@ def _case(B: int, N: int, K: int, H: int, bs: int, lens: list[int], seed: int = 
     return q, k_pages, v_pages, table, torch.tensor(lens)
 
 
-@pytest.mark.parametrize("N,K,H,bs", [(4, 4, 16, 8), (8, 2, 64, 16), (16, 2, 128, 16),
-                                      (8, 1, 64, 4), (4, 2, 40, 8)])  # H = 40: scalar loop
+@pytest.mark.parametrize("N,K,H,bs", [
+    (8, 2, 64, 16), (16, 2, 128, 16), (8, 1, 64, 4),  # the vector path (H % 32 == 0): G heads
+    (12, 2, 64, 16), (6, 2, 96, 8), (8, 8, 32, 16), (4, 2, 256, 16),  # in register blocks
+    (4, 4, 16, 8), (4, 2, 40, 8)])  # other head dims: the scalar loop
 def test_matches_reference(built, N, K, H, bs) -> None:
     lens = [1, 7, bs, 3 * bs + 1, 200]
     q, kp, vp, table, lens_B = _case(len(lens), N, K, H, bs, lens, seed=N + H)

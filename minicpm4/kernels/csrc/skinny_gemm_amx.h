@@ -31,6 +31,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "avx512_math.h"
+
 namespace amx {
 
 constexpr int64_t kMaxRows = 256;  // rows of x: passes of up to 32 columns (2 B tiles)
@@ -80,35 +82,6 @@ inline void configure(int64_t M) {
   cfg.rows[6] = cfg.rows[7] = 16;
   cfg.colsb[6] = cfg.colsb[7] = 64;
   _tile_loadconfig(&cfg);
-}
-
-// In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, r[j] = column j out.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4 i + c], 128-bit block b = rows 4 i .. 4 i + 3 of column c + 4 b
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  constexpr int kEven = _MM_SHUFFLE(2, 0, 2, 0), kOdd = _MM_SHUFFLE(3, 1, 3, 1);
-  for (int c = 0; c < 4; ++c) {  // gather the four row groups of columns c, c+4, c+8, c+12
-    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], kEven);
-    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], kOdd);
-    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], kEven);
-    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], kOdd);
-  }
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], kEven);
-    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[8 + c], kOdd);
-    r[c + 4] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], kEven);
-    r[c + 12] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], kOdd);
-  }
 }
 
 // y[m0 + j, n0 .. n0 + 15] = column j of c_16x16 (+ bias) for j < cols: the block is

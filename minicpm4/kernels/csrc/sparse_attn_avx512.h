@@ -19,6 +19,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+#include "avx512_math.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -28,24 +30,6 @@ constexpr int64_t kChunk = 64;  // keys per chunk: 4 zmm of scores per head
 
 inline bool supports_head_dim(int64_t H) {
   return H == 16 || H == 32 || H == 64 || H == 128 || H == 256;
-}
-
-// exp(x) lane-wise (Cephes expf: 2^n · (1 + f + f^2 P(f)), |f| <= ln2/2); x is clamped to
-// [-87, 88], callers zero the lanes that must be exactly 0.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 // s[i, 0:64] = q[i, :] · kt[:, 0:64] for HT heads (q rows at stride H, kt [H, 64]).
