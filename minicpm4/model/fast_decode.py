@@ -24,7 +24,12 @@ It applies (`applies`) only where the reference would take exactly those kernels
   autograd.
 Anything else returns False and the caller runs the reference forward. Module forward hooks
 do not run here (as on the skinny-GEMM path of `kernels/matmul.apply_linear`).
-Shape legend: B rows, D hidden, N query heads, K kv heads, H head dim, V vocabulary.
+`grouped_layer` and `decode_attend` are the same lean calls for one layer of the grouped
+forward (`model/grouped.py`: a step mixing new prompts and decode rows, token-wise parts on
+the packed tokens of all batches; `grouped_applies` says where), equal bit for bit to the
+layer's module path there.
+Shape legend: B rows, D hidden, N query heads, K kv heads, H head dim, V vocabulary;
+in the grouped calls N is the packed tokens and F features.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicpm4.kernels import cpu_ext, fused_norm, fused_rotary, needs_grad, paged_attention, \
-    skinny_linear
+from minicpm4.kernels import cpu_ext, fused_norm, fused_rotary, matmul, needs_grad, \
+    paged_attention, skinny_linear
 from minicpm4.model.attention import Attention
 from minicpm4.model.layers import MLP, RMSNorm
 from minicpm4.model.transformer import DecoderLayer, MiniCPM4ForCausalLM
@@ -126,3 +131,66 @@ def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> torch
         x_BD = x_BD + linear(act_BF, mlp.down_proj.weight, None) * scale
     cache.advance(None, 1)
     return lm.compute_logits(model.norm(x_BD), keep_dtype=True)
+
+
+def grouped_applies(lm: MiniCPM4ForCausalLM) -> bool:
+    """Whether `model/grouped.py` may run its layers through `grouped_layer` (given
+    `supports(lm)`): the lean path's kernels are switched on."""
+    return (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM
+            and fused_rotary.FUSED_ROTARY and paged_attention.PAGED_DECODE
+            and cpu_ext.enabled())
+
+
+def _skinny(rows: int, w: torch.Tensor) -> bool:
+    """`skinny_linear.applies` for a bf16 CPU weight of a `supports` model and `rows` rows."""
+    return rows <= skinny_linear.MAX_ROWS or (
+        rows <= skinny_linear.max_rows() and w.shape[1] % 32 == 0 and w.shape[0] >= 32)
+
+
+def _linears(x_ND: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`matmul.apply_linear` of each weight on x [N, D] (no autograd, bf16 CPU), the same
+    kernel for the same rows: the skinny GEMM (weights sharing x in one `linear_multi` call,
+    bit-identical to one call each), else oneDNN on rows padded to a bucket."""
+    rows = x_ND.shape[0]
+    if rows <= skinny_linear.MAX_ROWS or all(_skinny(rows, w) for w in weights):
+        if len(weights) == 1:
+            return [torch.ops.minicpm4_skinny_gemm.linear(x_ND, weights[0], None)]
+        return list(torch.ops.minicpm4_skinny_gemm.linear_multi(x_ND, weights))
+    return [torch.ops.minicpm4_skinny_gemm.linear(x_ND, w, None) if _skinny(rows, w)
+            else matmul.bucketed_linear(x_ND, w) if matmul.ROW_BUCKETS else F.linear(x_ND, w)
+            for w in weights]
+
+
+def grouped_layer(layer: DecoderLayer, x_ND: torch.Tensor, mix) -> torch.Tensor:
+    """`layer.block` on the packed tokens x [N, D] of a grouped forward (`model/grouped.py`)
+    with the same ops, arguments and order as the reference takes for bf16 CPU inference,
+    without its per-op dispatch (`decode_logits` inlines the same calls: through this
+    function and `decode_attend` a demo decode step took 2.4-2.9% longer, measured); `mix(q_NF, k_NF, v_NF)` is the attention per batch (RoPE,
+    cache update, attention) returning [N, N_heads * H] before o_proj. Call `supports` and
+    `grouped_applies` first."""
+    attn, mlp = layer.self_attn, layer.mlp
+    n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
+    scale = layer.residual_scale
+    h_ND = torch.ops.minicpm4_rms_norm.rms_norm(x_ND, n_in.weight, n_in.variance_epsilon)
+    q_NF, k_NF, v_NF = _linears(h_ND, [attn.q_proj.weight, attn.k_proj.weight,
+                                       attn.v_proj.weight])
+    o_ND = _linears(mix(q_NF, k_NF, v_NF), [attn.o_proj.weight])[0]
+    x_ND, h_ND = torch.ops.minicpm4_rms_norm.add_rms_norm(x_ND, o_ND, scale, n_post.weight,
+                                                          n_post.variance_epsilon)
+    gate_NF, up_NF = _linears(h_ND, [mlp.gate_proj.weight, mlp.up_proj.weight])
+    return x_ND + _linears(F.silu(gate_NF) * up_NF, [mlp.down_proj.weight])[0] * scale
+
+
+def decode_attend(attn: Attention, q_BF: torch.Tensor, k_BF: torch.Tensor, v_BF: torch.Tensor,
+                  cos_B1H: torch.Tensor, sin_B1H: torch.Tensor, cache) -> torch.Tensor:
+    """`attn.attend` of a decode batch (one new token per row, no padding) whose cache
+    attends in its pages (`decode_pages`): RoPE, the cache write, the paged op; [B, N * H]."""
+    B = q_BF.shape[0]
+    N, K, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    rotary = torch.ops.minicpm4_rotary.rotary
+    q_B1NH = rotary(q_BF.view(B, 1, N, H), cos_B1H, sin_B1H)
+    k_B1KH = rotary(k_BF.view(B, 1, K, H), cos_B1H, sin_B1H)
+    cache.write(attn.layer_idx, k_B1KH.transpose(1, 2), v_BF.view(B, 1, K, H).transpose(1, 2))
+    out_BNH = torch.ops.minicpm4_paged_attention.decode(q_B1NH.view(B, N, H),
+                                                        *cache.decode_pages(attn.layer_idx))
+    return out_BNH.view(B, N * H)

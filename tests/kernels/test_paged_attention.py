@@ -84,10 +84,10 @@ def test_engine_bf16_decodes_the_same_with_and_without(built, monkeypatch,
                                             max_prefill_chunk=16))
         return [o.token_ids for o in llm.generate(prompts, params)]
 
-    calls = []
-    real_decode = paged_attention.decode
-    monkeypatch.setattr(paged_attention, "decode",
-                        lambda *args: calls.append(1) or real_decode(*args))
+    calls = []  # the op, called by the module path and by the lean paths (model/fast_decode)
+    ns = torch.ops.minicpm4_paged_attention
+    real_op = ns.decode
+    monkeypatch.setattr(ns, "decode", lambda *args: calls.append(1) or real_op(*args))
     with_paged = run()
     assert calls  # the decode steps took the paged path
     monkeypatch.setattr(paged_attention, "PAGED_DECODE", False)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from minicpm4.engine.kv_cache import BlockPool, PagedBatch
+from minicpm4.kernels import cpu_ext
+from minicpm4.model import fast_decode
 from minicpm4.model.config import SparseConfig
 from minicpm4.model.grouped import Batch, grouped_logits
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
@@ -47,13 +49,13 @@ def _batch(pool: BlockPool, group: list[tuple[_Seq, int]], sparse: bool) -> Batc
     return Batch(ids_BT, None if bool(mask_BT.all()) else mask_BT, cache)
 
 
-def _setup(model: MiniCPM4ForCausalLM, sparse: bool):
+def _setup(model: MiniCPM4ForCausalLM, sparse: bool, long_prompt: int = 40):
     """A pool holding three sequences' first tokens, and the step to run: decode rows (s1,
     s2), a continuing chunk (s3) and two new prompts of different lengths (s4, s5)."""
     rng = random.Random(1)
-    lens = {"s1": 41, "s2": 37, "s3": 45, "s4": 40, "s5": 3}
+    lens = {"s1": 41, "s2": 37, "s3": 45, "s4": long_prompt, "s5": 3}
     stored = {"s1": 40, "s2": 36, "s3": 30}
-    pool = BlockPool(model.config, num_blocks=64, block_size=BS, dtype=torch.float32)
+    pool = BlockPool(model.config, num_blocks=64, block_size=BS, dtype=model.dtype)
     seqs = {}
     for sid, n in lens.items():
         seqs[sid] = _Seq(sid, [rng.randrange(3, 512) for _ in range(n)],
@@ -65,7 +67,7 @@ def _setup(model: MiniCPM4ForCausalLM, sparse: bool):
             model(b.ids_BT, cache=b.cache, attention_mask_BT=b.mask_BT, logits_to_keep=1)
         seq.computed = n
     step = [[(seqs["s1"], 1), (seqs["s2"], 1)], [(seqs["s3"], 15)],
-            [(seqs["s4"], 40), (seqs["s5"], 3)]]
+            [(seqs["s4"], long_prompt), (seqs["s5"], 3)]]
     return pool, step
 
 
@@ -148,3 +150,32 @@ def test_padding_is_left_out_of_the_token_wise_parts(monkeypatch) -> None:
         got = grouped_logits(model, [fresh])
     assert set(seen) == {40 + 3}
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not all(cpu_ext.load(n) for n in ("skinny_gemm", "rms_norm", "rotary",
+                                                         "paged_attention")),
+                    reason="the C++ CPU kernels did not build here")
+@pytest.mark.parametrize("long_prompt", [40, 180])  # 60 rows (skinny GEMM), 200 (oneDNN)
+def test_lean_layers_are_bit_identical_to_the_module_path(monkeypatch, long_prompt) -> None:
+    """bf16 CPU: the grouped forward's lean layers (`fast_decode.grouped_layer`, decode
+    batches through `fast_decode.decode_attend`) give the module path's logits and pages
+    bit for bit."""
+    model = _model(False).bfloat16()
+    pool, step = _setup(model, False, long_prompt)
+    twin = _clone_pool(pool)
+    calls, paged = [], []
+    layer_fn, attend_fn = fast_decode.grouped_layer, fast_decode.decode_attend
+    monkeypatch.setattr(fast_decode, "grouped_layer",
+                        lambda *a: calls.append(1) or layer_fn(*a))
+    monkeypatch.setattr(fast_decode, "decode_attend",
+                        lambda *a: paged.append(1) or attend_fn(*a))
+    with torch.inference_mode():
+        monkeypatch.setattr(fast_decode, "FAST_DECODE", False)
+        ref = grouped_logits(model, [_batch(pool, g, False) for g in step], keep_dtype=True)
+        assert not calls and not paged
+        monkeypatch.setattr(fast_decode, "FAST_DECODE", True)
+        got = grouped_logits(model, [_batch(twin, g, False) for g in step], keep_dtype=True)
+    assert len(calls) == len(paged) == model.config.num_hidden_layers  # s1, s2: in pages
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    for a, b in zip(pool.k + pool.v, twin.k + twin.v):
+        assert torch.equal(a, b)
