@@ -59,16 +59,28 @@ int64_t row_argmax(const T* x_V, int64_t V) {
   const int64_t full = V / 16 * 16;
   if (full == 0) return row_argmax_scalar(x_V, V);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf_bits = _mm512_set1_epi32(0x7f800000);
-  __m512 vmax = load16(x_V, 0);
+  // four independent running maxima (one chain of dependent max would bound the pass at
+  // its latency per 16 values)
+  __m512 vmax[4] = {load16(x_V, 0), load16(x_V, 0), load16(x_V, 0), load16(x_V, 0)};
   __mmask16 nan = 0;
-  for (int64_t v = 0; v < full; v += 16) {
+  int64_t v = 0;
+  for (; v + 64 <= full; v += 64) {
+    for (int u = 0; u < 4; ++u) {
+      const __m512 f = load16(x_V, v + 16 * u);
+      const __m512i bits = _mm512_and_si512(_mm512_castps_si512(f), abs_mask);
+      nan |= _mm512_cmpgt_epi32_mask(bits, inf_bits);
+      vmax[u] = _mm512_max_ps(vmax[u], f);
+    }
+  }
+  for (; v < full; v += 16) {
     const __m512 f = load16(x_V, v);
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(f), abs_mask);
     nan |= _mm512_cmpgt_epi32_mask(bits, inf_bits);
-    vmax = _mm512_max_ps(vmax, f);
+    vmax[0] = _mm512_max_ps(vmax[0], f);
   }
-  float mx = _mm512_reduce_max_ps(vmax);
-  for (int64_t v = full; v < V; ++v) {
+  float mx = _mm512_reduce_max_ps(
+      _mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
+  for (v = full; v < V; ++v) {
     const float f = static_cast<float>(x_V[v]);
     if (is_nan(f)) nan = 1;
     mx = f > mx ? f : mx;
