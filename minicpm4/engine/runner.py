@@ -69,7 +69,8 @@ class ModelRunner:
             h_BTD = self.model.model(b.ids_BT, cache=b.cache)
             logits_RV = self.model.compute_logits(h_BTD[:, -1], keep_dtype=True)
         else:  # the weights are read once for all of them, and for no padding token
-            logits_RV = grouped_logits(self.model, batches, keep_dtype=True)
+            logits_RV = grouped_logits(self.model, batches, keep_dtype=True, lean=(
+                self.fast_decode and fast_decode.grouped_applies(self.model)))
         return logits_RV, rows
 
     def _batch(self, group: list[tuple[Sequence, int]]) -> Batch:

@@ -48,10 +48,12 @@ class Batch:
 
 @torch.inference_mode()
 def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
-                   keep_dtype: bool = False) -> torch.Tensor:
+                   keep_dtype: bool = False, lean: bool | None = None) -> torch.Tensor:
     """fp32 logits [R, V] (the model's dtype with `keep_dtype`) after the last position of
     every row, batch after batch (row b of batch g at sum of the earlier batches' B, + b);
-    appends every batch's keys to its cache."""
+    appends every batch's keys to its cache. `lean`: whether the lean layers apply
+    (`fast_decode.supports(lm)`, which walks every parameter, and `grouped_applies`); None
+    works it out (callers that step often pass the answer they keep)."""
     if not batches:
         raise ValueError("a grouped forward needs at least one batch")
     model = lm.model
@@ -71,7 +73,8 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
             return x_NF.view(B, T, -1)
         return x_NF.new_zeros(B * T, x_NF.shape[-1]).index_copy_(0, keep, x_NF).view(B, T, -1)
 
-    lean = fast_decode.grouped_applies(lm) and fast_decode.supports(lm)
+    if lean is None:
+        lean = fast_decode.grouped_applies(lm) and fast_decode.supports(lm)
     paged = [lean and T == 1 and keep is None and b.cache.decode_pages(0) is not None
              if hasattr(b.cache, "decode_pages") else False
              for b, (B, T), keep in zip(batches, shapes, real)]

@@ -103,13 +103,15 @@ struct Scratch {
   std::vector<int64_t> key_off;  // [Lp] element offset of key l's head vector in the pages
   std::vector<float> scores;     // [G, Lp] scores, then exp(score - max); -inf past L
   std::vector<__m512> dots;      // [G] running dot products of a 16-key block
+  std::vector<float> inv;        // [G] 1 / the softmax sums
 };
 
 // scores_GL[g, l0 + j] for the keys of block l0 (n <= 16 of them): H / 32 chunks of 16
 // pairs per key, each transposed so that lane j holds key j's pair.
+// `next`: the next block's key offsets (prefetched), or null.
 inline void score_block(const uint32_t* q32_GP, const c10::BFloat16* kp, const int64_t* off,
-                        const int64_t* next, int64_t n, int64_t G, int64_t P, float scale, float* scores_GL,
-                        int64_t Lp, int64_t l0, __m512* dots_G) {
+                        const int64_t* next, int64_t n, int64_t G, int64_t P, float scale,
+                        float* scores_GL, int64_t Lp, int64_t l0, __m512* dots_G) {
   for (int64_t g = 0; g < G; ++g) dots_G[g] = _mm512_setzero_ps();
   for (int64_t p0 = 0; p0 < P; p0 += 16) {
     if (p0 == 0 && next != nullptr) {  // the next block's keys, while this one is computed
@@ -203,7 +205,8 @@ void row_head_vec(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c10:
                 l0 + 32 <= L ? s.key_off.data() + l0 + 16 : nullptr,
                 std::min<int64_t>(16, L - l0), G, P, scale,
                 s.scores.data(), Lp, l0, s.dots.data());
-  std::vector<float> inv(static_cast<size_t>(G));
+  std::vector<float>& inv = s.inv;
+  inv.resize(static_cast<size_t>(G));
   for (int64_t g = 0; g < G; ++g) {
     float* s_L = s.scores.data() + g * Lp;
     __m512 mx = _mm512_set1_ps(-INFINITY);
