@@ -8,7 +8,9 @@ Switches: fused (fused RMSNorm + residual, `kernels/fused_norm.py`, and fused Ro
 `kernels/fused_rotary.py`), paged (`kernels/paged_attention.py`), greedy
 (`kernels/greedy.py`), skinny (`kernels/skinny_linear.py`), lean (the lean decode forward,
 `model/fast_decode.py`), rows160 (the AMX tile path's cut-over `skinny_linear.MAX_ROWS_AMX`
-at 160 rows against 96: prefill chunks of 97-160 rows on the tiles instead of oneDNN).
+at 160 rows against 96: prefill chunks of 97-160 rows on the tiles instead of oneDNN),
+cpploop (the lean decode step's layers in the C++ loop `csrc/decode_layers.cpp` against the
+Python loop).
 With `--fresh` every run gets a new engine, so that no run reuses the prompts' prefixes
 cached by the runs before it (without it, only the first run prefills every prompt).
 Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--concurrency 8]
@@ -44,6 +46,7 @@ SWITCHES = {  # name: [(module, attribute, value on, value off)]
     "lean": [(fast_decode, "FAST_DECODE", True, False)],
     "skinny": [(skinny_linear, "SKINNY_LINEAR", True, False)],
     "rows160": [(skinny_linear, "MAX_ROWS_AMX", 160, 96)],
+    "cpploop": [(fast_decode, "DECODE_LAYERS", True, False)],
 }
 
 

@@ -272,6 +272,15 @@ class PagedBatch:
             return None
         return self.pool.k[layer_idx], self.pool.v[layer_idx], self._table_BW, self._lens_B
 
+    def decode_layout(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor,
+                                     torch.Tensor, torch.Tensor] | None:
+        """For a decode batch: (K pages per layer, V pages per layer, the new tokens' slots [B],
+        block table [B, W], keys per row [B]): what `write` and `decode_pages` use, for all
+        layers at once (`csrc/decode_layers.cpp`); None for other batches."""
+        if not self._decode:
+            return None
+        return self.pool.k, self.pool.v, self._new_slots, self._table_BW, self._lens_B
+
     def advance(self, valid_BT: torch.Tensor | None, num_tokens: int) -> None:
         """Lengths are the engine's bookkeeping (`Sequence.num_computed`); nothing to do."""
 

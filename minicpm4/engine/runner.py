@@ -38,6 +38,8 @@ class ModelRunner:
             cpu_ext.preload()  # builds happen now, not inside the first request
         self.fast_decode = fast_decode.supports(model)
         """Whether decode steps may take the lean forward (`model/fast_decode.py`)."""
+        self._packed = fast_decode.pack_layers(model) if self.fast_decode else None
+        """The C++ layer loop's per-layer arguments (`fast_decode.pack_layers`), or None."""
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]
@@ -65,7 +67,8 @@ class ModelRunner:
         if len(batches) == 1 and batches[0].mask_BT is None:
             b = batches[0]
             if self.fast_decode and fast_decode.applies(self.model, b.ids_BT, b.cache):
-                return fast_decode.decode_logits(self.model, b.ids_BT, b.cache), rows
+                return fast_decode.decode_logits(self.model, b.ids_BT, b.cache,
+                                                 self._packed), rows
             h_BTD = self.model.model(b.ids_BT, cache=b.cache)
             logits_RV = self.model.compute_logits(h_BTD[:, -1], keep_dtype=True)
         else:  # the weights are read once for all of them, and for no padding token

@@ -58,7 +58,8 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "minicpm4" / "ext"
 
 
-INFERENCE_EXTENSIONS = ("skinny_gemm", "rms_norm", "rotary", "paged_attention", "greedy")
+INFERENCE_EXTENSIONS = ("skinny_gemm", "rms_norm", "rotary", "paged_attention", "greedy",
+                        "decode_layers")
 """The kernels a bf16 CPU engine step may use (`preload`)."""
 
 

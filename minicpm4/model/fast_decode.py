@@ -24,6 +24,11 @@ It applies (`applies`) only where the reference would take exactly those kernels
   autograd.
 Anything else returns False and the caller runs the reference forward. Module forward hooks
 do not run here (as on the skinny-GEMM path of `kernels/matmul.apply_linear`).
+With `pack_layers`' arguments (the engine's runner keeps them) the layers of a decode step
+run in the C++ loop `csrc/decode_layers.cpp`: the same calls through the dispatcher,
+bit-identical to the Python loop of `decode_logits`, which stays as its reference
+(`benchmarks/engine_switches.py --switch cpploop --fresh`, offline: demo model 1.31x at
+C = 1, 1.29x at C = 8; 0.5B-shaped 1.09x at C = 1).
 `grouped_layer` and `decode_attend` are the same lean calls for one layer of the grouped
 forward (`model/grouped.py`: a step mixing new prompts and decode rows, token-wise parts on
 the packed tokens of all batches; `grouped_applies` says where), equal bit for bit to the
@@ -93,10 +98,36 @@ def applies(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> bool:
     return get_pages is not None and get_pages(0) is not None
 
 
-def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> torch.Tensor:
+DECODE_LAYERS = True
+"""Switch of the C++ layer loop (`csrc/decode_layers.cpp`); off, the Python loop runs."""
+
+
+def pack_layers(lm: MiniCPM4ForCausalLM) -> tuple[list, list[float], list[float]] | None:
+    """The per-layer arguments of the C++ layer loop, gathered once (the engine keeps them,
+    as it keeps `supports`' answer: the model's modules are not replaced while it serves):
+    9 weights, 2 norm eps and the residual scale per layer; None where the op is not built.
+    Call `supports` first."""
+    if not cpu_ext.load("decode_layers"):
+        return None
+    weights, eps, scales = [], [], []
+    for layer in lm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
+        weights += [n_in.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                    attn.o_proj.weight, n_post.weight, mlp.gate_proj.weight,
+                    mlp.up_proj.weight, mlp.down_proj.weight]
+        eps += [float(n_in.variance_epsilon), float(n_post.variance_epsilon)]
+        scales.append(float(layer.residual_scale))
+    return weights, eps, scales
+
+
+def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache,
+                  packed: tuple[list, list[float], list[float]] | None = None) -> torch.Tensor:
     """Logits [B, V] in the model's dtype after one new token per row (ids [B, 1]), appending
     its keys and values to `cache`; as `lm.compute_logits(lm.model(ids, cache=cache)[:, -1],
-    keep_dtype=True)`. Call `supports` and `applies` first."""
+    keep_dtype=True)`. Call `supports` and `applies` first. With `packed` (`pack_layers`) and
+    a cache that gives its `decode_layout`, the layers run in the C++ loop (the same calls as
+    the Python loop below, bit-identical)."""
     model = lm.model
     cfg = lm.config
     B = ids_BT.shape[0]
@@ -104,6 +135,18 @@ def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> torch
     if int(ids_BT.min()) < 0 or int(ids_BT.max()) >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range "
                          f"[{int(ids_BT.min())}, {int(ids_BT.max())}]")
+    layout = getattr(cache, "decode_layout", None)
+    layout = layout() if packed is not None and DECODE_LAYERS and layout is not None else None
+    if layout is not None:
+        cos_B1H, sin_B1H = model.rotary_emb(cache.num_valid().view(-1, 1))
+        x_BD = (model.embed_tokens(ids_BT) * model.embed_scale).view(B, -1)
+        k_pages, v_pages, slots_B, table_BW, lens_B = layout
+        weights, eps, scales = packed
+        x_BD = torch.ops.minicpm4_decode_layers.decode_layers(
+            x_BD, weights, k_pages, v_pages, slots_B, table_BW, lens_B, cos_B1H, sin_B1H, eps,
+            scales, N, K, H)
+        cache.advance(None, 1)
+        return lm.compute_logits(model.norm(x_BD), keep_dtype=True)
     linear = torch.ops.minicpm4_skinny_gemm.linear
     linear_multi = torch.ops.minicpm4_skinny_gemm.linear_multi  # = one `linear` per weight
     rms_norm = torch.ops.minicpm4_rms_norm.rms_norm
@@ -165,8 +208,9 @@ def grouped_layer(layer: DecoderLayer, x_ND: torch.Tensor, mix) -> torch.Tensor:
     """`layer.block` on the packed tokens x [N, D] of a grouped forward (`model/grouped.py`)
     with the same ops, arguments and order as the reference takes for bf16 CPU inference,
     without its per-op dispatch (`decode_logits` inlines the same calls: through this
-    function and `decode_attend` a demo decode step took 2.4-2.9% longer, measured); `mix(q_NF, k_NF, v_NF)` is the attention per batch (RoPE,
-    cache update, attention) returning [N, N_heads * H] before o_proj. Call `supports` and
+    function and `decode_attend` a demo decode step took 2.4-2.9% longer, measured);
+    `mix(q_NF, k_NF, v_NF)` is the attention per batch (RoPE, cache update, attention)
+    returning [N, N_heads * H] before o_proj. Call `supports` and
     `grouped_applies` first."""
     attn, mlp = layer.self_attn, layer.mlp
     n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm

@@ -59,9 +59,17 @@ def _clone(pool: BlockPool) -> BlockPool:
 
 @needs_ext
 @pytest.mark.parametrize("lens", [[5], [9, 17, 3, 24]])
-def test_bit_identical_to_the_reference_forward(lens):
+@pytest.mark.parametrize("cpp_loop", [False, True])  # the Python loop / csrc/decode_layers.cpp
+def test_bit_identical_to_the_reference_forward(lens, cpp_loop, monkeypatch):
     model = _model()
     assert fast_decode.supports(model)
+    packed = fast_decode.pack_layers(model) if cpp_loop else None
+    if cpp_loop:
+        assert packed is not None, "the decode_layers extension did not build"
+        calls = []
+        real_op = torch.ops.minicpm4_decode_layers.decode_layers
+        monkeypatch.setattr(torch.ops.minicpm4_decode_layers, "decode_layers",
+                            lambda *a: calls.append(1) or real_op(*a))
     pool, tables, ids_B1 = _prefilled(model, lens)
     twin = _clone(pool)
     ref_cache = PagedBatch(pool, tables, lens, [1] * len(lens))
@@ -70,7 +78,9 @@ def test_bit_identical_to_the_reference_forward(lens):
         assert fast_decode.applies(model, ids_B1, fast_cache)
         ref_BV = model.compute_logits(model.model(ids_B1, cache=ref_cache)[:, -1],
                                       keep_dtype=True)
-        fast_BV = fast_decode.decode_logits(model, ids_B1, fast_cache)
+        fast_BV = fast_decode.decode_logits(model, ids_B1, fast_cache, packed)
+    if cpp_loop:
+        assert calls == [1]
     assert fast_BV.dtype == torch.bfloat16 and fast_BV.shape == ref_BV.shape
     assert torch.equal(fast_BV, ref_BV)
     for a, b in zip(pool.k + pool.v, twin.k + twin.v):
