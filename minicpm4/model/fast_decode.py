@@ -83,19 +83,29 @@ def supports(lm: MiniCPM4ForCausalLM) -> bool:
     return all(cpu_ext.load(name) for name in _EXTENSIONS)
 
 
+def _kernels_on() -> bool:
+    """The lean path's kernels and this module are switched on."""
+    return (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM
+            and fused_rotary.FUSED_ROTARY and paged_attention.PAGED_DECODE
+            and cpu_ext.enabled())
+
+
+def in_pages(cache) -> bool:
+    """Whether `cache` is a decode batch that attends in its pages (`decode_pages`)."""
+    get_pages = getattr(cache, "decode_pages", None)
+    return get_pages is not None and get_pages(0) is not None
+
+
 def applies(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache) -> bool:
     """Whether this step may take `decode_logits` (given `supports(lm)` holds)."""
-    if not (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM
-            and fused_rotary.FUSED_ROTARY and paged_attention.PAGED_DECODE
-            and cpu_ext.enabled()):
+    if not _kernels_on():
         return False
     if ids_BT.dim() != 2 or ids_BT.shape[1] != 1 or ids_BT.shape[0] > skinny_linear.max_rows():
         return False
     w = lm.lm_head.weight
     if w.dtype != torch.bfloat16 or w.device.type != "cpu" or needs_grad(w):
         return False
-    get_pages = getattr(cache, "decode_pages", None)
-    return get_pages is not None and get_pages(0) is not None
+    return in_pages(cache)
 
 
 DECODE_LAYERS = True
@@ -135,43 +145,20 @@ def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache,
     if int(ids_BT.min()) < 0 or int(ids_BT.max()) >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range "
                          f"[{int(ids_BT.min())}, {int(ids_BT.max())}]")
+    cos_B1H, sin_B1H = model.rotary_emb(cache.num_valid().view(-1, 1))
+    x_BD = (model.embed_tokens(ids_BT) * model.embed_scale).view(B, -1)
     layout = getattr(cache, "decode_layout", None)
     layout = layout() if packed is not None and DECODE_LAYERS and layout is not None else None
     if layout is not None:
-        cos_B1H, sin_B1H = model.rotary_emb(cache.num_valid().view(-1, 1))
-        x_BD = (model.embed_tokens(ids_BT) * model.embed_scale).view(B, -1)
         k_pages, v_pages, slots_B, table_BW, lens_B = layout
         weights, eps, scales = packed
         x_BD = torch.ops.minicpm4_decode_layers.decode_layers(
             x_BD, weights, k_pages, v_pages, slots_B, table_BW, lens_B, cos_B1H, sin_B1H, eps,
             scales, N, K, H)
-        cache.advance(None, 1)
-        return lm.compute_logits(model.norm(x_BD), keep_dtype=True)
-    linear = torch.ops.minicpm4_skinny_gemm.linear
-    linear_multi = torch.ops.minicpm4_skinny_gemm.linear_multi  # = one `linear` per weight
-    rms_norm = torch.ops.minicpm4_rms_norm.rms_norm
-    add_rms_norm = torch.ops.minicpm4_rms_norm.add_rms_norm
-    rotary = torch.ops.minicpm4_rotary.rotary
-    attend = torch.ops.minicpm4_paged_attention.decode
-    cos_B1H, sin_B1H = model.rotary_emb(cache.num_valid().view(-1, 1))
-    x_BD = (model.embed_tokens(ids_BT) * model.embed_scale).view(B, -1)
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
-        scale = layer.residual_scale
-        h_BD = rms_norm(x_BD, n_in.weight, n_in.variance_epsilon)
-        q_BF, k_BF, v_BF = linear_multi(h_BD, [attn.q_proj.weight, attn.k_proj.weight,
-                                               attn.v_proj.weight])
-        q_B1NH = rotary(q_BF.view(B, 1, N, H), cos_B1H, sin_B1H)
-        k_B1KH = rotary(k_BF.view(B, 1, K, H), cos_B1H, sin_B1H)
-        v_B1KH = v_BF.view(B, 1, K, H)
-        cache.write(attn.layer_idx, k_B1KH.transpose(1, 2), v_B1KH.transpose(1, 2))
-        o_BNH = attend(q_B1NH.view(B, N, H), *cache.decode_pages(attn.layer_idx))
-        x_BD, h_BD = add_rms_norm(x_BD, linear(o_BNH.view(B, N * H), attn.o_proj.weight, None),
-                                  scale, n_post.weight, n_post.variance_epsilon)
-        gate_BF, up_BF = linear_multi(h_BD, [mlp.gate_proj.weight, mlp.up_proj.weight])
-        act_BF = F.silu(gate_BF) * up_BF
-        x_BD = x_BD + linear(act_BF, mlp.down_proj.weight, None) * scale
+    else:
+        for layer in model.layers:
+            x_BD = grouped_layer(layer, x_BD, lambda q, k, v, attn=layer.self_attn:
+                                 decode_attend(attn, q, k, v, cos_B1H, sin_B1H, cache))
     cache.advance(None, 1)
     return lm.compute_logits(model.norm(x_BD), keep_dtype=True)
 
@@ -179,9 +166,7 @@ def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache,
 def grouped_applies(lm: MiniCPM4ForCausalLM) -> bool:
     """Whether `model/grouped.py` may run its layers through `grouped_layer` (given
     `supports(lm)`): the lean path's kernels are switched on."""
-    return (FAST_DECODE and skinny_linear.SKINNY_LINEAR and fused_norm.FUSED_NORM
-            and fused_rotary.FUSED_ROTARY and paged_attention.PAGED_DECODE
-            and cpu_ext.enabled())
+    return _kernels_on()
 
 
 def _skinny(rows: int, w: torch.Tensor) -> bool:
@@ -207,8 +192,8 @@ def _linears(x_ND: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tens
 def grouped_layer(layer: DecoderLayer, x_ND: torch.Tensor, mix) -> torch.Tensor:
     """`layer.block` on the packed tokens x [N, D] of a grouped forward (`model/grouped.py`)
     with the same ops, arguments and order as the reference takes for bf16 CPU inference,
-    without its per-op dispatch (`decode_logits` inlines the same calls: through this
-    function and `decode_attend` a demo decode step took 2.4-2.9% longer, measured);
+    without its per-op dispatch (also the Python loop of `decode_logits`, the reference of
+    the C++ loop, with `decode_attend` as `mix`);
     `mix(q_NF, k_NF, v_NF)` is the attention per batch (RoPE, cache update, attention)
     returning [N, N_heads * H] before o_proj. Call `supports` and
     `grouped_applies` first."""

@@ -75,9 +75,7 @@ def grouped_logits(lm: MiniCPM4ForCausalLM, batches: list[Batch], *,
 
     if lean is None:
         lean = fast_decode.grouped_applies(lm) and fast_decode.supports(lm)
-    paged = [lean and T == 1 and keep is None and b.cache.decode_pages(0) is not None
-             if hasattr(b.cache, "decode_pages") else False
-             for b, (B, T), keep in zip(batches, shapes, real)]
+    paged = [lean and fast_decode.in_pages(b.cache) for b in batches]  # decode batches
 
     def attend_per_batch(q_NF: torch.Tensor, k_NF: torch.Tensor, v_NF: torch.Tensor,
                          attn: Attention) -> torch.Tensor:

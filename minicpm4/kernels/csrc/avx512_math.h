@@ -1,4 +1,5 @@
-// Small AVX-512 helpers shared by the CPU kernels: a 16 x 16 transpose of 32-bit lanes (the
+// Small AVX-512 helpers shared by the CPU kernels: bf16 -> fp32 widening (greedy.cpp,
+// paged_attention.cpp), a 16 x 16 transpose of 32-bit lanes (the
 // AMX skinny GEMM's fp32 result blocks, skinny_gemm_amx.h; 16 keys' bf16 pairs in the paged
 // decode attention, paged_attention.cpp) and a lane-wise exp (the softmax of the paged
 // decode attention and of InfLLM v2's stage 2, sparse_attn_avx512.h).
@@ -7,6 +8,12 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+// 16 bf16 values -> 16 fp32 lanes (bf16 is the high half of an fp32).
+inline __m512 widen_bf16x16(const void* p) {
+  const __m256i b = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
 
 // In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, r[j] = column j out.
 inline void transpose16(__m512 r[16]) {

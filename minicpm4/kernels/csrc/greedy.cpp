@@ -16,6 +16,8 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+#include "avx512_math.h"
 #endif
 
 namespace {
@@ -47,10 +49,7 @@ int64_t row_argmax_scalar(const T* x_V, int64_t V) {
 #if defined(__AVX512F__)
 // 16 values of the row from element v on, as fp32 lanes.
 inline __m512 load16(const float* x, int64_t v) { return _mm512_loadu_ps(x + v); }
-inline __m512 load16(const c10::BFloat16* x, int64_t v) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const c10::BFloat16* x, int64_t v) { return widen_bf16x16(x + v); }
 
 // Two vector passes: the maximum (and whether any NaN is present, tested on the bits), then
 // the first index holding it. A row with a NaN goes to the scalar scan (first NaN).

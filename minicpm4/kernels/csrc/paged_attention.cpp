@@ -80,6 +80,7 @@ void row_head_scalar(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define PAGED_HAVE_VEC 1
 // The vector path (row_head_vec), for H % 32 == 0 and H <= kMaxH, in three passes over the
 // row's keys, each read once per (row, kv head) for all G heads of the group:
 // - scores, 16 keys at a time: the keys' bf16 pairs are transposed in registers (lane j =
@@ -91,12 +92,6 @@ void row_head_scalar(const c10::BFloat16* q_GH, const c10::BFloat16* kp, const c
 //   of 16 / C accumulators of C vectors, C = H / 16), x 1 / sum, rounded to bf16 once.
 // Same fp32 precision as the scalar loop, another order of the sums.
 constexpr int64_t kMaxH = 256;
-
-// bf16 [16] -> fp32 [16]: widen and shift into the high half.
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
 
 // Per-thread buffers of row_head_vec.
 struct Scratch {
@@ -163,7 +158,7 @@ void value_block(const c10::BFloat16* vp, const int64_t* off, int64_t L, const f
     }
     const c10::BFloat16* v_H = vp + off[l];
     __m512 v[C];
-    for (int c = 0; c < C; ++c) v[c] = load16(v_H + 16 * c);
+    for (int c = 0; c < C; ++c) v[c] = widen_bf16x16(v_H + 16 * c);
     for (int gi = 0; gi < GB; ++gi) {
       const __m512 p = _mm512_set1_ps(p_L[gi * Lp + l]);
       for (int c = 0; c < C; ++c) acc[gi][c] = _mm512_fmadd_ps(p, v[c], acc[gi][c]);
@@ -271,21 +266,19 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tens
   const auto* vp = v_pages.data_ptr<c10::BFloat16>();
   auto* op = out.data_ptr<c10::BFloat16>();
   const float scale = 1.f / std::sqrt(static_cast<float>(H));
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(PAGED_HAVE_VEC)
   const bool vec = H % 32 == 0 && H <= kMaxH;
-#else
-  const bool vec = false;
 #endif
   at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores, acc;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(PAGED_HAVE_VEC)
     Scratch scratch;
 #endif
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / K, kv = i % K;
       const c10::BFloat16* q_GH = qp + (b * N + kv * G) * H;
       c10::BFloat16* out_GH = op + (b * N + kv * G) * H;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(PAGED_HAVE_VEC)
       if (vec) {
         row_head_vec(q_GH, kp, vp, tp + b * W, lp[b], bs, K, kv, G, H, scale, out_GH, scratch);
         continue;
