@@ -10,7 +10,8 @@ Switches: fused (fused RMSNorm + residual, `kernels/fused_norm.py`, and fused Ro
 `model/fast_decode.py`), rows160 (the AMX tile path's cut-over `skinny_linear.MAX_ROWS_AMX`
 at 160 rows against 96: prefill chunks of 97-160 rows on the tiles instead of oneDNN),
 cpploop (the lean decode step's layers in the C++ loop `csrc/decode_layers.cpp` against the
-Python loop).
+Python loop), token (steps with prompt chunks as one token-level call of that loop,
+`fast_decode.token_logits`, against the grouped forward).
 With `--fresh` every run gets a new engine, so that no run reuses the prompts' prefixes
 cached by the runs before it (without it, only the first run prefills every prompt).
 Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--concurrency 8]
@@ -47,6 +48,7 @@ SWITCHES = {  # name: [(module, attribute, value on, value off)]
     "skinny": [(skinny_linear, "SKINNY_LINEAR", True, False)],
     "rows160": [(skinny_linear, "MAX_ROWS_AMX", 160, 96)],
     "cpploop": [(fast_decode, "DECODE_LAYERS", True, False)],
+    "token": [(fast_decode, "TOKEN_STEPS", True, False)],
 }
 
 

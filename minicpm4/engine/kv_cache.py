@@ -13,8 +13,9 @@ decode-time selection reads; their bytes are part of the per-block budget (`bloc
 tokens. `update` writes this forward's keys into the rows' pages and returns the stored keys
 gathered into a left-padded `[B, K, S_past + T, H]` tensor (padding = block 0). For a decode
 batch, `write` + `decode_pages` let bf16 CPU attention read the pages in place instead
-(`kernels/paged_attention.py`). Shape legend: B rows, T new tokens, S positions, K kv heads,
-H head dim, L layers, W block-table width.
+(`kernels/paged_attention.py`); `token_layout` describes a step's every new token as a row
+of its own for the token-level step (`model/fast_decode.token_logits`). Shape legend: B rows,
+T new tokens, S positions, K kv heads, H head dim, L layers, W block-table width, N tokens.
 """
 
 from __future__ import annotations
@@ -290,3 +291,35 @@ class PagedBatch:
                              "InfLLM v2 decode state")
         buffers = [self.pool.sparse_layers(s)[layer_idx].buffers[0] for s in self._seq_ids]
         return SparseLayerState(buffers)
+
+
+def token_layout(pool: BlockPool, block_tables: Sequence[Sequence[int]],
+                 num_computed: Sequence[int], num_new: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every new token of a step as a row of its own, for the token-level step of bf16 CPU
+    inference (`model/fast_decode.token_logits`): sequence s's num_new[s] tokens at
+    positions num_computed[s] .. + num_new[s] - 1, sequences in order. Returns (positions
+    [N], page slots [N], block table [N, W] (each token's sequence's), keys per token [N] =
+    position + 1): a token attends to its sequence's keys up to itself, so that writing all
+    of the step's keys first and then attending row by row in the pages is causal.
+    All on the pool's device."""
+    bs = pool.block_size
+    pos, slots, rows = [], [], []
+    for s, (table, c, n) in enumerate(zip(block_tables, num_computed, num_new)):
+        if n < 1:
+            raise ValueError("every sequence of a token-level step needs >= 1 new token")
+        if (c + n - 1) // bs >= len(table):
+            raise ValueError(f"a block table of {len(table)} pages cannot hold token "
+                             f"{c + n - 1} (block size {bs})")
+        for p in range(c, c + n):
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+        rows += [s] * n
+    width = max(1, max(len(t) for t in block_tables))
+    table_SW = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables],
+                            dtype=torch.long)
+    pos_N = torch.tensor(pos, dtype=torch.long)
+    dev = pool.k[0].device
+    return (pos_N.to(dev), torch.tensor(slots, dtype=torch.long).to(dev),
+            table_SW.index_select(0, torch.tensor(rows, dtype=torch.long)).to(dev),
+            (pos_N + 1).to(dev))

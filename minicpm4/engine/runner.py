@@ -8,8 +8,9 @@ nothing may be left-padded):
 - continuing prefill chunks, a batch per chunk length.
 These batches run as one forward (`model/grouped.py`: the token-wise parts, and so the reading
 of every weight, once for all of them and only for real tokens; attention per batch), as does
-a lone padded batch (its padding left out of the GEMMs). A step of decode rows alone takes
-the lean decode forward where it applies (`model/fast_decode.py`, bit-identical). The logits
+a lone padded batch (its padding left out of the GEMMs) and, where the lean layers apply, any
+lone batch of prompt chunks (which spares the module path's per-op dispatch). A step of decode rows alone takes the lean decode forward where it applies
+(`model/fast_decode.py`, bit-identical). The logits
 come back as one `[R, V]` tensor with a row per finished sequence.
 Shape legend: B rows, T tokens, V vocabulary.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from minicpm4.engine.kv_cache import BlockPool, PagedBatch
+from minicpm4.engine.kv_cache import BlockPool, PagedBatch, token_layout
 from minicpm4.engine.sequence import Sequence
 from minicpm4.kernels import cpu_ext
 from minicpm4.model import fast_decode
@@ -48,6 +49,11 @@ class ModelRunner:
         last-position logits `[R, V]` (in the model's dtype) and, for every sequence whose
         tokens are now all computed, its row there. The rows of unfinished prefill chunks are
         included: the tensor is the forward's logits as they are, no copy."""
+        self.num_forwards += 1
+        computed, new = [s.num_computed for s, _ in scheduled], [n for _, n in scheduled]
+        if self.fast_decode and any(n > 1 or c == 0 for c, n in zip(computed, new)) \
+                and fast_decode.token_applies(self._packed, computed, new):
+            return self._token_step(scheduled)
         fresh: list[tuple[Sequence, int]] = []
         by_len: dict[int, list[tuple[Sequence, int]]] = {}  # n == 1: the decode rows
         for seq, n in scheduled:
@@ -63,17 +69,39 @@ class ModelRunner:
                     rows[seq.request_id] = offset + b
             offset += len(group)
         batches = [self._batch(group) for group in groups]
-        self.num_forwards += 1
+        lean = self.fast_decode and fast_decode.grouped_applies(self.model)
         if len(batches) == 1 and batches[0].mask_BT is None:
             b = batches[0]
             if self.fast_decode and fast_decode.applies(self.model, b.ids_BT, b.cache):
                 return fast_decode.decode_logits(self.model, b.ids_BT, b.cache,
                                                  self._packed), rows
-            h_BTD = self.model.model(b.ids_BT, cache=b.cache)
-            logits_RV = self.model.compute_logits(h_BTD[:, -1], keep_dtype=True)
-        else:  # the weights are read once for all of them, and for no padding token
-            logits_RV = grouped_logits(self.model, batches, keep_dtype=True, lean=(
-                self.fast_decode and fast_decode.grouped_applies(self.model)))
+            if not lean:
+                h_BTD = self.model.model(b.ids_BT, cache=b.cache)
+                return self.model.compute_logits(h_BTD[:, -1], keep_dtype=True), rows
+        # the weights are read once for all batches, for no padding token, and on the lean
+        # path, the layers without per-op dispatch (also for a lone batch of prompt chunks)
+        return grouped_logits(self.model, batches, keep_dtype=True, lean=lean), rows
+
+    def _token_step(self, scheduled: list[tuple[Sequence, int]]
+                    ) -> tuple[torch.Tensor, dict[str, int]]:
+        """The step as rows of one token each (`fast_decode.token_logits`): logits row i for
+        scheduled sequence i."""
+        ids, row_last, last = [], [], []
+        for seq, n in scheduled:
+            start = seq.num_computed
+            ids += seq.tokens(start, start + n)
+            row_last += [start + n - 1] * n
+            last.append(len(ids) - 1)
+        positions_N, slots_N, table_NW, lens_N = token_layout(
+            self.pool, [s.block_table for s, _ in scheduled],
+            [s.num_computed for s, _ in scheduled], [n for _, n in scheduled])
+        layout = (self.pool.k, self.pool.v, slots_N, table_NW, lens_N)
+        logits_RV = fast_decode.token_logits(
+            self.model, torch.tensor(ids, dtype=torch.long, device=self.device), positions_N,
+            torch.tensor(row_last, dtype=torch.long, device=self.device), layout,
+            torch.tensor(last, dtype=torch.long, device=self.device), self._packed)
+        rows = {seq.request_id: i for i, (seq, n) in enumerate(scheduled)
+                if seq.num_computed + n == seq.num_tokens}
         return logits_RV, rows
 
     def _batch(self, group: list[tuple[Sequence, int]]) -> Batch:

@@ -29,6 +29,11 @@ run in the C++ loop `csrc/decode_layers.cpp`: the same calls through the dispatc
 bit-identical to the Python loop of `decode_logits`, which stays as its reference
 (`benchmarks/engine_switches.py --switch cpploop --fresh`, offline: demo model 1.31x at
 C = 1, 1.29x at C = 8; 0.5B-shaped 1.09x at C = 1).
+`token_logits` runs a step that computes prompt chunks through the same C++ loop, one row
+per new token attending to its sequence's keys in the pages (`token_applies` says where;
+not bit-identical to the grouped forward, whose prompt attention is SDPA, but as close to
+the fp32 model: tests/model/test_token_step.py; `engine_switches.py --switch token
+--fresh`: 0.5B-shaped 1.10x at C = 32, demo 1.09x at C = 8).
 `grouped_layer` and `decode_attend` are the same lean calls for one layer of the grouped
 forward (`model/grouped.py`: a step mixing new prompts and decode rows, token-wise parts on
 the packed tokens of all batches; `grouped_applies` says where), equal bit for bit to the
@@ -112,11 +117,12 @@ DECODE_LAYERS = True
 """Switch of the C++ layer loop (`csrc/decode_layers.cpp`); off, the Python loop runs."""
 
 
-def pack_layers(lm: MiniCPM4ForCausalLM) -> tuple[list, list[float], list[float]] | None:
+def pack_layers(lm: MiniCPM4ForCausalLM) -> tuple[list, list[float], list[float], bool] | None:
     """The per-layer arguments of the C++ layer loop, gathered once (the engine keeps them,
     as it keeps `supports`' answer: the model's modules are not replaced while it serves):
-    9 weights, 2 norm eps and the residual scale per layer; None where the op is not built.
-    Call `supports` first."""
+    9 weights, 2 norm eps and the residual scale per layer, and whether every linear weight
+    may take the skinny GEMM's tile path beyond 32 rows (`_skinny`); None where the op is
+    not built. Call `supports` first."""
     if not cpu_ext.load("decode_layers"):
         return None
     weights, eps, scales = [], [], []
@@ -128,7 +134,34 @@ def pack_layers(lm: MiniCPM4ForCausalLM) -> tuple[list, list[float], list[float]
                     mlp.up_proj.weight, mlp.down_proj.weight]
         eps += [float(n_in.variance_epsilon), float(n_post.variance_epsilon)]
         scales.append(float(layer.residual_scale))
-    return weights, eps, scales
+    tiles = all(w.shape[1] % 32 == 0 and w.shape[0] >= 32 for w in weights if w.dim() == 2)
+    return weights, eps, scales, tiles
+
+
+def _embedded(lm: MiniCPM4ForCausalLM, ids_B1: torch.Tensor) -> torch.Tensor:
+    """The scaled embeddings [B, D] of one token per row (ids [B, 1]), after checking the
+    ids."""
+    vocab = lm.config.vocab_size
+    if int(ids_B1.min()) < 0 or int(ids_B1.max()) >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}), got range "
+                         f"[{int(ids_B1.min())}, {int(ids_B1.max())}]")
+    model = lm.model
+    return (model.embed_tokens(ids_B1) * model.embed_scale).view(ids_B1.shape[0], -1)
+
+
+def _run_layers(x_ND: torch.Tensor, packed, layout, cfg) -> torch.Tensor:
+    """The C++ layer loop on the rows x [N, D] (one new token each) with `layout` = (K pages
+    per layer, V pages per layer, slots [N], block table [N, W], keys per row [N]) and the
+    rows' cos / sin; the GEMMs as `_linears` takes them for N rows."""
+    weights, eps, scales, tiles = packed
+    k_pages, v_pages, slots_N, table_NW, lens_N, cos_N1H, sin_N1H = layout
+    rows = x_ND.shape[0]
+    max_rows = skinny_linear.max_rows() if tiles else skinny_linear.MAX_ROWS
+    bucket = matmul.bucket_rows(rows) if rows > max_rows and matmul.ROW_BUCKETS else rows
+    return torch.ops.minicpm4_decode_layers.decode_layers(
+        x_ND, weights, k_pages, v_pages, slots_N, table_NW, lens_N, cos_N1H, sin_N1H, eps,
+        scales, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_, max_rows,
+        bucket)
 
 
 def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache,
@@ -140,27 +173,55 @@ def decode_logits(lm: MiniCPM4ForCausalLM, ids_BT: torch.Tensor, cache,
     the Python loop below, bit-identical)."""
     model = lm.model
     cfg = lm.config
-    B = ids_BT.shape[0]
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
-    if int(ids_BT.min()) < 0 or int(ids_BT.max()) >= cfg.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range "
-                         f"[{int(ids_BT.min())}, {int(ids_BT.max())}]")
+    x_BD = _embedded(lm, ids_BT)
     cos_B1H, sin_B1H = model.rotary_emb(cache.num_valid().view(-1, 1))
-    x_BD = (model.embed_tokens(ids_BT) * model.embed_scale).view(B, -1)
     layout = getattr(cache, "decode_layout", None)
     layout = layout() if packed is not None and DECODE_LAYERS and layout is not None else None
     if layout is not None:
-        k_pages, v_pages, slots_B, table_BW, lens_B = layout
-        weights, eps, scales = packed
-        x_BD = torch.ops.minicpm4_decode_layers.decode_layers(
-            x_BD, weights, k_pages, v_pages, slots_B, table_BW, lens_B, cos_B1H, sin_B1H, eps,
-            scales, N, K, H)
+        x_BD = _run_layers(x_BD, packed, (*layout, cos_B1H, sin_B1H), cfg)
     else:
         for layer in model.layers:
             x_BD = grouped_layer(layer, x_BD, lambda q, k, v, attn=layer.self_attn:
                                  decode_attend(attn, q, k, v, cos_B1H, sin_B1H, cache))
     cache.advance(None, 1)
     return lm.compute_logits(model.norm(x_BD), keep_dtype=True)
+
+
+TOKEN_STEPS = True
+"""Switch of the token-level step (`token_logits`); off, steps with prompt chunks take the
+grouped forward (`model/grouped.py`)."""
+
+TOKEN_ATTENTION_KEYS = 1 << 18
+"""Most keys the prompt tokens of a token-level step may attend to in all (one row each, in
+the pages): beyond, the grouped forward's blocked prefill attention is the better tool."""
+
+
+def token_applies(packed, num_computed: list[int], num_new: list[int]) -> bool:
+    """Whether a step computing num_new[s] tokens after num_computed[s] stored ones of each
+    sequence may take `token_logits` (given `supports(lm)`; `packed` from `pack_layers`)."""
+    if packed is None or not (TOKEN_STEPS and DECODE_LAYERS and _kernels_on()):
+        return False
+    keys = sum(n * c + n * (n + 1) // 2 for c, n in zip(num_computed, num_new) if n > 1)
+    return keys <= TOKEN_ATTENTION_KEYS
+
+
+def token_logits(lm: MiniCPM4ForCausalLM, ids_N: torch.Tensor, positions_N: torch.Tensor,
+                 row_last_N: torch.Tensor, layout, last_R: torch.Tensor, packed
+                 ) -> torch.Tensor:
+    """Logits [R, V] in the model's dtype after the tokens `last_R` of a step whose every new
+    token (ids [N] at positions [N]; row_last_N: the last position of its sequence's chunk,
+    for LongRoPE's choice) is a row of its own: a decode row, or a token of a prompt chunk
+    that attends to its sequence's keys up to itself in the pages (`layout` = (K pages per
+    layer, V pages per layer, slots [N], block table [N, W], keys per row [N]),
+    `engine/kv_cache.token_layout`). So a step mixing prompts and decode rows runs as one
+    call of the C++ layer loop, with no padding and no per-batch Python (against the grouped
+    forward: prompt tokens attend with the paged op instead of SDPA, the same math in
+    another summation order). Call `supports` and `token_applies` first."""
+    model = lm.model
+    x_ND = _embedded(lm, ids_N.view(-1, 1))
+    cos_N1H, sin_N1H = model.rotary_emb.tokens(positions_N, row_last_N)
+    x_ND = _run_layers(x_ND, packed, (*layout, cos_N1H, sin_N1H), lm.config)
+    return lm.compute_logits(model.norm(x_ND.index_select(0, last_R)), keep_dtype=True)
 
 
 def grouped_applies(lm: MiniCPM4ForCausalLM) -> bool:

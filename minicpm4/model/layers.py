@@ -181,6 +181,20 @@ class RotaryEmbedding(nn.Module):
         emb_BTH = torch.cat((freqs_BTH2, freqs_BTH2), dim=-1)
         return emb_BTH.cos() * self.mscale, emb_BTH.sin() * self.mscale
 
+    def tokens(self, positions_N: torch.Tensor, row_last_N: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin), each [N, 1, H], for tokens at positions [N] taken one by one,
+        each with the factors `forward` gives it in its row, whose largest position is
+        row_last_N: the same values (the same products, the same long/short choice)."""
+        inv_freq_NH2 = self.inv_freq_short.expand(positions_N.shape[0], -1)
+        if self.rope_scaling is not None:
+            limit = self.rope_scaling.original_max_position_embeddings
+            inv_freq_NH2 = torch.where((row_last_N + 1).unsqueeze(1) > limit,
+                                       self.inv_freq_long, self.inv_freq_short)
+        freqs_NH2 = positions_N.float().unsqueeze(-1) * inv_freq_NH2
+        emb_N1H = torch.cat((freqs_NH2, freqs_NH2), dim=-1).unsqueeze(1)
+        return emb_N1H.cos() * self.mscale, emb_N1H.sin() * self.mscale
+
 
 def apply_rotary(x_BNTH: torch.Tensor, cos_BTH: torch.Tensor,
                  sin_BTH: torch.Tensor) -> torch.Tensor:

@@ -84,10 +84,15 @@ def test_engine_bf16_decodes_the_same_with_and_without(built, monkeypatch,
                                             max_prefill_chunk=16))
         return [o.token_ids for o in llm.generate(prompts, params)]
 
-    calls = []  # the op, called by the module path and by the lean paths (model/fast_decode)
+    # the op, called from Python by the module path and the grouped forward, and from the
+    # C++ layer loop (model/fast_decode._run_layers) through the dispatcher
+    from minicpm4.model import fast_decode
+    calls = []
     ns = torch.ops.minicpm4_paged_attention
-    real_op = ns.decode
+    real_op, real_loop = ns.decode, fast_decode._run_layers
     monkeypatch.setattr(ns, "decode", lambda *args: calls.append(1) or real_op(*args))
+    monkeypatch.setattr(fast_decode, "_run_layers",
+                        lambda *args: calls.append(1) or real_loop(*args))
     with_paged = run()
     assert calls  # the decode steps took the paged path
     monkeypatch.setattr(paged_attention, "PAGED_DECODE", False)

@@ -30,6 +30,9 @@
 #define SKINNY_HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <omp.h>
+
+#include <atomic>
 
 #include "avx512_math.h"
 
@@ -169,27 +172,69 @@ void groups(const Problem& p, const uint16_t* xp_K2M2, int64_t g_begin, int64_t 
 }
 
 // xp[kp][m] = the pair x[m, 2 kp .. 2 kp + 1]: a transpose of x seen as [M, K / 2] uint32,
-// 16 m at a time with one gather per kp. For M = 1 it is x itself (xp is left empty).
+// in blocks of 16 x 16 pairs transposed in registers. For M = 1 it is x itself (xp is left
+// empty).
 inline const uint16_t* repack(const Problem& p, std::vector<uint16_t>& xp) {
   if (p.M == 1) return p.x_MK;
   xp.resize(static_cast<size_t>(p.M * p.K));
-  const int64_t K2 = p.K / 2;
-  const int* x32 = reinterpret_cast<const int*>(p.x_MK);
-  int* xp32 = reinterpret_cast<int*>(xp.data());
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t K2 = p.K / 2;  // a multiple of 16 (K % 32 == 0)
+  const float* x32 = reinterpret_cast<const float*>(p.x_MK);
+  float* xp32 = reinterpret_cast<float*>(xp.data());
   for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
     const int64_t rows = std::min<int64_t>(16, p.M - m0);
     const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-    const __m512i offs = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(K2)));
-    const int* src = x32 + m0 * K2;
-    for (int64_t kp = 0; kp < K2; ++kp) {
-      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offs,
-                                                    src + kp, 4);
-      _mm512_mask_storeu_epi32(xp32 + kp * p.M + m0, mask, v);
+    for (int64_t kp0 = 0; kp0 < K2; kp0 += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_loadu_ps(x32 + (m0 + i) * K2 + kp0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < 16; ++i)
+        _mm512_mask_storeu_ps(xp32 + (kp0 + i) * p.M + m0, mask, r[i]);
     }
   }
   return xp.data();
 }
+
+// Work claiming for `run_many`: the chunks are cut into one contiguous segment per thread;
+// a thread claims its own segment's chunks front to back (its weights stream in address
+// order, which the hardware prefetchers follow best), then takes chunks from the back of
+// the other segments (so a thread descheduled for a while leaves its remaining chunks to
+// the others instead of making the whole call wait for it).
+class Claims {
+ public:
+  Claims(int64_t chunks, int threads) : segs_(static_cast<size_t>(threads)) {
+    for (int t = 0; t < threads; ++t)
+      segs_[static_cast<size_t>(t)].range.store(pack(chunks * t / threads,
+                                                     chunks * (t + 1) / threads));
+  }
+  // The next chunk for thread t, or -1 when none is left.
+  int64_t next(int t) {
+    const int n = static_cast<int>(segs_.size());
+    if (int64_t c = take(segs_[static_cast<size_t>(t)], true); c >= 0) return c;
+    for (int d = 1; d < n; ++d)
+      if (int64_t c = take(segs_[static_cast<size_t>((t + d) % n)], false); c >= 0) return c;
+    return -1;
+  }
+
+ private:
+  struct alignas(64) Segment {
+    std::atomic<uint64_t> range;  // front (high 32 bits), back (low 32 bits): [front, back)
+  };
+  static uint64_t pack(int64_t front, int64_t back) {
+    return (static_cast<uint64_t>(front) << 32) | static_cast<uint64_t>(back);
+  }
+  static int64_t take(Segment& s, bool front) {
+    uint64_t r = s.range.load(std::memory_order_relaxed);
+    while (true) {
+      const int64_t f = static_cast<int64_t>(r >> 32), b = static_cast<int64_t>(r & 0xffffffffu);
+      if (f >= b) return -1;
+      const uint64_t next = front ? pack(f + 1, b) : pack(f, b - 1);
+      if (s.range.compare_exchange_weak(r, next, std::memory_order_relaxed))
+        return front ? f : b - 1;
+    }
+  }
+  std::vector<Segment> segs_;
+};
 
 // Runs the full groups of every problem (all sharing x: same x_MK, M and K) on AMX in one
 // parallel region, then each problem's remaining N % 32 rows with `tail(problem,
@@ -200,9 +245,11 @@ void run_many(const std::vector<const Problem*>& ps, Tail tail) {
   std::vector<uint16_t> xp;
   const uint16_t* xp_K2M2 = repack(*ps[0], xp);
   const int64_t M = ps[0]->M;
-  // Chunks of groups are claimed dynamically: on a machine where the server's event loop or
-  // clients share the cores, a thread that is descheduled for a while leaves its remaining
-  // chunks to the others instead of making the whole call wait for it (a static split would).
+  // Chunks of groups are claimed through `Claims`: each thread streams its own contiguous
+  // segment, then helps with the others' (on a machine where the server's event loop or
+  // clients share the cores, a thread descheduled for a while does not make the call wait).
+  // Measured against claiming one chunk at a time from a shared counter (threads
+  // interleaved in memory), 0.5B / demo shapes, 2-vCPU Xeon: 1.02-1.12x at M = 1..64.
   struct Chunk {
     const Problem* p;
     int64_t g0, g1;
@@ -236,11 +283,12 @@ void run_many(const std::vector<const Problem*>& ps, Tail tail) {
     for (int64_t c = 0; c < chunks; ++c) claim(c, configured);
     _tile_release();
   } else {
+    Claims claims(chunks, nthreads);
 #pragma omp parallel num_threads(nthreads)
     {
       int64_t configured = 0;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < chunks; ++c) claim(c, configured);
+      const int t = omp_get_thread_num();
+      for (int64_t c = claims.next(t); c >= 0; c = claims.next(t)) claim(c, configured);
       _tile_release();
     }
   }
