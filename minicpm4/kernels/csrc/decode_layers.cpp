@@ -8,7 +8,10 @@
 // the skinny GEMM (q/k/v and gate/up as one `linear_multi` each), the fused RoPE, the page
 // writes (`index_copy_` at the new tokens' slots), the paged decode attention, and ATen's
 // silu / mul / add. So its result is bit-identical to that loop (tests/model/
-// test_fast_decode.py), which stays as the reference.
+// test_fast_decode.py), which stays as the reference. One difference in the calls: a
+// layer's residual add `x + mlp * scale` and the next layer's input norm run as one
+// `add_rms_norm` (the attention's residual and post-attention norm already do), which
+// rounds as those ops do: bf16(x + bf16(mlp * scale)), then the same norm.
 // A row is one new token: a decode row, or a token of a prompt chunk (the token-level step,
 // `fast_decode.token_logits`: all the step's keys are written before each layer's attention,
 // and a row attends to its sequence's keys up to itself, so it is causal).
@@ -84,10 +87,15 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
     for (const at::Tensor& w : ws) ys.push_back(at::linear(x_pad, w).narrow(0, 0, B));
     return ys;
   };
-  at::Tensor x_BD = x;
+  at::Tensor x_BD = x, mlp_BD;  // mlp_BD: the last layer's MLP output, not yet added to x
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + 9 * l;
-    at::Tensor h_BD = rms_norm.call(x_BD, w[0], eps[2 * l]);
+    at::Tensor h_BD;
+    if (l == 0) {
+      h_BD = rms_norm.call(x_BD, w[0], eps[0]);
+    } else {  // the last layer's residual add and this layer's input norm in one op
+      std::tie(x_BD, h_BD) = add_rms_norm.call(x_BD, mlp_BD, scales[l - 1], w[0], eps[2 * l]);
+    }
     std::vector<at::Tensor> qkv = linears(h_BD, {w[1], w[2], w[3]});
     at::Tensor q_B1NH = rotary.call(qkv[0].view({B, 1, N, H}), cos, sin);
     at::Tensor k_B1KH = rotary.call(qkv[1].view({B, 1, K, H}), cos, sin);
@@ -100,9 +108,10 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
                                             scales[l], w[5], eps[2 * l + 1]);
     std::vector<at::Tensor> gate_up = linears(h_new, {w[6], w[7]});
     at::Tensor act_BF = at::mul(at::silu(gate_up[0]), gate_up[1]);
-    x_BD = at::add(x_new, at::mul(linears(act_BF, {w[8]})[0], scales[l]));
+    x_BD = x_new;
+    mlp_BD = linears(act_BF, {w[8]})[0];
   }
-  return x_BD;
+  return L == 0 ? x_BD : at::add(x_BD, at::mul(mlp_BD, scales[L - 1]));
 }
 
 }  // namespace
