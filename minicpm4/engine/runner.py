@@ -107,13 +107,16 @@ class ModelRunner:
     def _batch(self, group: list[tuple[Sequence, int]]) -> Batch:
         T = max(n for _, n in group)
         B = len(group)
-        ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
         padded = any(n != T for _, n in group)
         mask_BT = torch.zeros(B, T, dtype=torch.bool) if padded else None
-        for b, (seq, n) in enumerate(group):
-            start = seq.num_computed
-            ids_BT[b, T - n:] = torch.tensor(seq.tokens(start, start + n), dtype=torch.long)
-            if mask_BT is not None:
+        if not padded:  # one tensor for all rows (a decode step's per-row cost)
+            ids_BT = torch.tensor([seq.tokens(seq.num_computed, seq.num_computed + n)
+                                   for seq, n in group], dtype=torch.long)
+        else:
+            ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
+            for b, (seq, n) in enumerate(group):
+                start = seq.num_computed
+                ids_BT[b, T - n:] = torch.tensor(seq.tokens(start, start + n), dtype=torch.long)
                 mask_BT[b, T - n:] = True
         cache = PagedBatch(self.pool, [s.block_table for s, _ in group],
                            [s.num_computed for s, _ in group], [n for _, n in group],
