@@ -9,9 +9,11 @@ nothing may be left-padded):
 These batches run as one forward (`model/grouped.py`: the token-wise parts, and so the reading
 of every weight, once for all of them and only for real tokens; attention per batch), as does
 a lone padded batch (its padding left out of the GEMMs) and, where the lean layers apply, any
-lone batch of prompt chunks (which spares the module path's per-op dispatch). A step of decode rows alone takes the lean decode forward where it applies
-(`model/fast_decode.py`, bit-identical). The logits
-come back as one `[R, V]` tensor with a row per finished sequence.
+lone batch of prompt chunks (which spares the module path's per-op dispatch). On bf16 CPU a
+step with prompt chunks runs as rows of one token each (`fast_decode.token_logits`) where
+that applies, and a step of decode rows alone takes the lean decode forward
+(`model/fast_decode.py`, bit-identical). The logits come back as one `[R, V]` tensor with a
+row per finished sequence.
 Shape legend: B rows, T tokens, V vocabulary.
 """
 
@@ -53,7 +55,7 @@ class ModelRunner:
         computed, new = [s.num_computed for s, _ in scheduled], [n for _, n in scheduled]
         if self.fast_decode and any(n > 1 or c == 0 for c, n in zip(computed, new)) \
                 and fast_decode.token_applies(self._packed, computed, new):
-            return self._token_step(scheduled)
+            return self._token_step(scheduled, computed, new)
         fresh: list[tuple[Sequence, int]] = []
         by_len: dict[int, list[tuple[Sequence, int]]] = {}  # n == 1: the decode rows
         for seq, n in scheduled:
@@ -82,26 +84,25 @@ class ModelRunner:
         # path, the layers without per-op dispatch (also for a lone batch of prompt chunks)
         return grouped_logits(self.model, batches, keep_dtype=True, lean=lean), rows
 
-    def _token_step(self, scheduled: list[tuple[Sequence, int]]
-                    ) -> tuple[torch.Tensor, dict[str, int]]:
+    def _token_step(self, scheduled: list[tuple[Sequence, int]], computed: list[int],
+                    new: list[int]) -> tuple[torch.Tensor, dict[str, int]]:
         """The step as rows of one token each (`fast_decode.token_logits`): logits row i for
-        scheduled sequence i."""
+        scheduled sequence i (computed[i] tokens stored, new[i] to compute)."""
         ids, row_last, last = [], [], []
-        for seq, n in scheduled:
-            start = seq.num_computed
-            ids += seq.tokens(start, start + n)
-            row_last += [start + n - 1] * n
+        for (seq, _), c, n in zip(scheduled, computed, new):
+            ids += seq.tokens(c, c + n)
+            row_last += [c + n - 1] * n
             last.append(len(ids) - 1)
         positions_N, slots_N, table_NW, lens_N = token_layout(
-            self.pool, [s.block_table for s, _ in scheduled],
-            [s.num_computed for s, _ in scheduled], [n for _, n in scheduled])
+            self.pool, [s.block_table for s, _ in scheduled], computed, new)
         layout = (self.pool.k, self.pool.v, slots_N, table_NW, lens_N)
         logits_RV = fast_decode.token_logits(
             self.model, torch.tensor(ids, dtype=torch.long, device=self.device), positions_N,
             torch.tensor(row_last, dtype=torch.long, device=self.device), layout,
             torch.tensor(last, dtype=torch.long, device=self.device), self._packed)
-        rows = {seq.request_id: i for i, (seq, n) in enumerate(scheduled)
-                if seq.num_computed + n == seq.num_tokens}
+        rows = {seq.request_id: i
+                for i, ((seq, _), c, n) in enumerate(zip(scheduled, computed, new))
+                if c + n == seq.num_tokens}
         return logits_RV, rows
 
     def _batch(self, group: list[tuple[Sequence, int]]) -> Batch:

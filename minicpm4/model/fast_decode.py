@@ -121,7 +121,7 @@ def pack_layers(lm: MiniCPM4ForCausalLM) -> tuple[list, list[float], list[float]
     """The per-layer arguments of the C++ layer loop, gathered once (the engine keeps them,
     as it keeps `supports`' answer: the model's modules are not replaced while it serves):
     9 weights, 2 norm eps and the residual scale per layer, and whether every linear weight
-    may take the skinny GEMM's tile path beyond 32 rows (`_skinny`); None where the op is
+    may take the skinny GEMM's tile path beyond 32 rows (`_tile_shaped`); None where the op is
     not built. Call `supports` first."""
     if not cpu_ext.load("decode_layers"):
         return None
@@ -134,7 +134,7 @@ def pack_layers(lm: MiniCPM4ForCausalLM) -> tuple[list, list[float], list[float]
                     mlp.up_proj.weight, mlp.down_proj.weight]
         eps += [float(n_in.variance_epsilon), float(n_post.variance_epsilon)]
         scales.append(float(layer.residual_scale))
-    tiles = all(w.shape[1] % 32 == 0 and w.shape[0] >= 32 for w in weights if w.dim() == 2)
+    tiles = all(_tile_shaped(w) for w in weights if w.dim() == 2)
     return weights, eps, scales, tiles
 
 
@@ -235,10 +235,15 @@ def grouped_applies(lm: MiniCPM4ForCausalLM) -> bool:
     return _kernels_on()
 
 
+def _tile_shaped(w: torch.Tensor) -> bool:
+    """The weight may take the skinny GEMM's tile path beyond `skinny_linear.MAX_ROWS` rows."""
+    return w.shape[1] % 32 == 0 and w.shape[0] >= 32
+
+
 def _skinny(rows: int, w: torch.Tensor) -> bool:
     """`skinny_linear.applies` for a bf16 CPU weight of a `supports` model and `rows` rows."""
-    return rows <= skinny_linear.MAX_ROWS or (
-        rows <= skinny_linear.max_rows() and w.shape[1] % 32 == 0 and w.shape[0] >= 32)
+    return rows <= skinny_linear.MAX_ROWS or (rows <= skinny_linear.max_rows()
+                                              and _tile_shaped(w))
 
 
 def _linears(x_ND: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -172,28 +172,29 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (cos, sin), each [B, T, H], for integer positions [B, T]."""
-        inv_freq_BH2 = self.inv_freq_short.expand(positions_BT.shape[0], -1)
-        if self.rope_scaling is not None:
-            limit = self.rope_scaling.original_max_position_embeddings
-            use_long_B1 = (positions_BT.amax(dim=1, keepdim=True) + 1) > limit
-            inv_freq_BH2 = torch.where(use_long_B1, self.inv_freq_long, self.inv_freq_short)
-        freqs_BTH2 = positions_BT.float().unsqueeze(-1) * inv_freq_BH2.unsqueeze(1)
-        emb_BTH = torch.cat((freqs_BTH2, freqs_BTH2), dim=-1)
-        return emb_BTH.cos() * self.mscale, emb_BTH.sin() * self.mscale
+        return self._table(positions_BT, None)
 
     def tokens(self, positions_N: torch.Tensor, row_last_N: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (cos, sin), each [N, 1, H], for tokens at positions [N] taken one by one,
         each with the factors `forward` gives it in its row, whose largest position is
         row_last_N: the same values (the same products, the same long/short choice)."""
-        inv_freq_NH2 = self.inv_freq_short.expand(positions_N.shape[0], -1)
+        return self._table(positions_N.view(-1, 1), row_last_N)
+
+    def _table(self, positions_BT: torch.Tensor, row_last_B: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, T, H]; row b takes the long factors when its largest position
+        (row_last_B[b], or the row's own maximum where None) reaches the original context."""
+        inv_freq_BH2 = self.inv_freq_short.expand(positions_BT.shape[0], -1)
         if self.rope_scaling is not None:
             limit = self.rope_scaling.original_max_position_embeddings
-            inv_freq_NH2 = torch.where((row_last_N + 1).unsqueeze(1) > limit,
+            if row_last_B is None:
+                row_last_B = positions_BT.amax(dim=1)
+            inv_freq_BH2 = torch.where((row_last_B + 1).unsqueeze(1) > limit,
                                        self.inv_freq_long, self.inv_freq_short)
-        freqs_NH2 = positions_N.float().unsqueeze(-1) * inv_freq_NH2
-        emb_N1H = torch.cat((freqs_NH2, freqs_NH2), dim=-1).unsqueeze(1)
-        return emb_N1H.cos() * self.mscale, emb_N1H.sin() * self.mscale
+        freqs_BTH2 = positions_BT.float().unsqueeze(-1) * inv_freq_BH2.unsqueeze(1)
+        emb_BTH = torch.cat((freqs_BTH2, freqs_BTH2), dim=-1)
+        return emb_BTH.cos() * self.mscale, emb_BTH.sin() * self.mscale
 
 
 def apply_rotary(x_BNTH: torch.Tensor, cos_BTH: torch.Tensor,
