@@ -30,8 +30,15 @@ of the same minutes; a last comment line gives the demo's C=8 / C=1 of each repe
 Prints a table and last  RESULT serve_throughput_c8_vs_c1=<ours C=8 / ours C=1, demo model>.
 Targets: C=8 >= 4x C=1; >= 2x transformers at equal batch.
 Workloads per model (CPU-sized; override with the flags): demo: prompts of 16-128 tokens,
-max_tokens 16-128, max(8, 3 C) requests; 0.5b: prompts of 8-48, max_tokens 16-48, max(4, 2 C)
-requests.
+max_tokens 16-128, max(8, 8 C) requests; 0.5b: prompts of 8-48, max_tokens 16-48, max(4, 4 C)
+requests. The clients record how long each request was in flight; the table's `in flight`
+column is their sum / wall time (median over repeats), the mean concurrency the server really
+saw. At the end of a run fewer than C requests are left, so a workload of few requests per
+slot measures a lower concurrency than its C: until 2026-12-07 the workloads were 3 C (demo)
+and 2 C (0.5b) requests, which held 6.5-6.7 requests in flight at C = 8 (both models) and
+26.5 at C = 32 (0.5b); 8 C and 4 C hold 7.5 (demo) and 7.2 (0.5b) at C = 8, 29.4 (0.5b) at
+C = 32 (one measurement each, 2026-12-07). vLLM's `benchmark_serving` sends 1000 prompts by
+default, so that its tail is short too.
 Usage: python benchmarks/serve.py [--models demo,0.5b] [--concurrency 1,8,32] [--dtype bfloat16]
        [--repeats 3] [--requests-per-slot N] [--min-requests N] [--prompt-len LO,HI]
        [--max-tokens LO,HI] [--client raw|httpx]
@@ -69,8 +76,8 @@ from minicpm4.utils.openmp import release_thread_pool  # noqa: E402
 
 
 WORKLOADS = {
-    "demo": dict(prompt_len=(16, 128), max_tokens=(16, 128), requests_per_slot=3, min_requests=8),
-    "0.5b": dict(prompt_len=(8, 48), max_tokens=(16, 48), requests_per_slot=2, min_requests=4),
+    "demo": dict(prompt_len=(16, 128), max_tokens=(16, 128), requests_per_slot=8, min_requests=8),
+    "0.5b": dict(prompt_len=(8, 48), max_tokens=(16, 48), requests_per_slot=4, min_requests=4),
 }
 
 
@@ -165,20 +172,26 @@ async def _one_raw(url: str, prompt: list[int], max_tokens: int) -> int:
 
 
 async def _drive(url: str, work: list[tuple[list[int], int]], concurrency: int,
-                 client_kind: str = "httpx") -> float:
+                 client_kind: str = "httpx") -> tuple[float, float]:
+    """(generated tokens/s, mean number of requests in flight over the run)."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
+    busy = []  # seconds each request was in flight
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def run(item):
             async with sem:
+                start = time.perf_counter()
                 if client_kind == "httpx":
-                    return await _one_httpx(client, url, *item)
-                return await _one_raw(url, *item)
+                    n = await _one_httpx(client, url, *item)
+                else:
+                    n = await _one_raw(url, *item)
+                busy.append(time.perf_counter() - start)
+                return n
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(run(w) for w in work))
         dt = time.perf_counter() - t0
     assert sum(counts) == sum(m for _, m in work)
-    return sum(counts) / dt
+    return sum(counts) / dt, sum(busy) / dt
 
 
 def _client_process(url: str, work, concurrency: int, results, client_kind: str) -> None:
@@ -187,9 +200,10 @@ def _client_process(url: str, work, concurrency: int, results, client_kind: str)
 
 
 def ours(model: MiniCPM4ForCausalLM, tok: Tokenizer, work, concurrency: int,
-         client_kind: str = "httpx") -> float:
-    """The clients run in their own process (as real clients would), so that they do not
-    compete with the server for this process's interpreter lock."""
+         client_kind: str = "httpx") -> tuple[float, float]:
+    """(tokens/s, mean requests in flight) of the workload through a real server. The
+    clients run in their own process (as real clients would), so that they do not compete
+    with the server for this process's interpreter lock."""
     llm = LLM(model, tok, EngineConfig(max_num_seqs=concurrency))
     llm.generate([work[0][0]], [None])  # warm-up outside the timing (allocations, kernels)
     # The server runs in a thread here, so AsyncEngine.start() cannot release this (main)
@@ -203,9 +217,9 @@ def ours(model: MiniCPM4ForCausalLM, tok: Tokenizer, work, concurrency: int,
                                                          client_kind))
     try:
         proc.start()
-        tps = results.get(timeout=3600)
+        measured = results.get(timeout=3600)
         proc.join(60)
-        return tps
+        return measured
     finally:
         if proc.is_alive():
             proc.kill()
@@ -262,7 +276,7 @@ def main() -> None:
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
     print(f"{'model':>6} {'C':>3} {'reqs':>5} {'tokens':>7} {'ours tok/s':>11} "
-          f"{'HF tok/s':>9} {'ours/HF':>8} {'ours/C=1':>9}")
+          f"{'HF tok/s':>9} {'ours/HF':>8} {'ours/C=1':>9} {'in flight':>9}")
     headline = None
     for name in args.models.split(","):
         if name not in WORKLOADS:
@@ -281,26 +295,32 @@ def main() -> None:
         works = {c: workload(max(w["min_requests"], w["requests_per_slot"] * c),
                              model.config.vocab_size, w["prompt_len"], w["max_tokens"],
                              args.seed + c) for c in concs}
-        runs = {c: {"ours": [], "hf": []} for c in concs}
+        runs = {c: {"ours": [], "hf": [], "in_flight": []} for c in concs}
         # Every repeat measures every C (the order reversed every other repeat), so that the
         # VM's drift over minutes touches all of them alike, not one C more than another.
         for rep in range(max(1, args.repeats)):
             for c in (concs if rep % 2 == 0 else concs[::-1]):
                 order = ("ours", "hf") if rep % 2 == 0 else ("hf", "ours")
                 for side in order:
-                    runs[c][side].append(ours(model, tok, works[c], c, args.client)
-                                         if side == "ours" else
-                                         transformers_static(hf, works[c], c, pad_id=0))
+                    if side == "ours":
+                        tps, in_flight = ours(model, tok, works[c], c, args.client)
+                        runs[c]["ours"].append(tps)
+                        runs[c]["in_flight"].append(in_flight)
+                    else:
+                        runs[c]["hf"].append(transformers_static(hf, works[c], c, pad_id=0))
         base = None
         for c in concs:
             work = works[c]
             ours_tps, hf_tps = (statistics.median(runs[c][k]) for k in ("ours", "hf"))
             print(f"# runs {name} C={c}: ours " + " ".join(f"{x:.1f}" for x in runs[c]["ours"])
-                  + " | HF " + " ".join(f"{x:.1f}" for x in runs[c]["hf"]), flush=True)
+                  + " | HF " + " ".join(f"{x:.1f}" for x in runs[c]["hf"])
+                  + " | ours' mean requests in flight " + " ".join(
+                      f"{x:.2f}" for x in runs[c]["in_flight"]), flush=True)
             base = base or ours_tps
             print(f"{name:>6} {c:>3} {len(work):>5} {sum(m for _, m in work):>7} "
                   f"{ours_tps:>11.1f} {hf_tps:>9.1f} {ours_tps / hf_tps:>8.2f} "
-                  f"{ours_tps / base:>9.2f}", flush=True)
+                  f"{ours_tps / base:>9.2f} "
+                  f"{statistics.median(runs[c]['in_flight']):>9.2f}", flush=True)
             if name == "demo" and c == 8:
                 headline = ours_tps / base
         if name == "demo" and 8 in runs and concs[0] in runs:
