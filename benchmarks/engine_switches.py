@@ -11,7 +11,11 @@ Switches: fused (fused RMSNorm + residual, `kernels/fused_norm.py`, and fused Ro
 at 160 rows against 96: prefill chunks of 97-160 rows on the tiles instead of oneDNN),
 cpploop (the lean decode step's layers in the C++ loop `csrc/decode_layers.cpp` against the
 Python loop), token (steps with prompt chunks as one token-level call of that loop,
-`fast_decode.token_logits`, against the grouped forward).
+`fast_decode.token_logits`, against the grouped forward), hugepages (two engines over two
+copies of the weights, each loaded as `benchmarks/serve.py` loads it: one moved into huge
+pages with its KV pages there too, as `LLM` does, `utils/hugepages.py`; the other built with
+`MINICPM4_HUGE_PAGES=0`, its weights where loading put them: the demo's in the private
+mapping of its safetensors file, the 0.5B's in torch's 4 KB pages).
 With `--fresh` every run gets a new engine, so that no run reuses the prompts' prefixes
 cached by the runs before it (without it, only the first run prefills every prompt).
 Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--concurrency 8]
@@ -21,6 +25,7 @@ Usage: python benchmarks/engine_switches.py --switch paged [--model demo] [--con
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -49,7 +54,20 @@ SWITCHES = {  # name: [(module, attribute, value on, value off)]
     "rows160": [(skinny_linear, "MAX_ROWS_AMX", 160, 96)],
     "cpploop": [(fast_decode, "DECODE_LAYERS", True, False)],
     "token": [(fast_decode, "TOKEN_STEPS", True, False)],
+    "hugepages": [],  # two engines (module docstring)
 }
+
+
+def _engine(model, tokenizer, C: int, huge_pages: bool) -> LLM:
+    before = os.environ.get("MINICPM4_HUGE_PAGES")
+    os.environ["MINICPM4_HUGE_PAGES"] = "1" if huge_pages else "0"
+    try:
+        return LLM(model, tokenizer, EngineConfig(max_num_seqs=C))
+    finally:
+        if before is None:
+            del os.environ["MINICPM4_HUGE_PAGES"]
+        else:
+            os.environ["MINICPM4_HUGE_PAGES"] = before
 
 
 def main() -> None:
@@ -68,12 +86,19 @@ def main() -> None:
     C = args.concurrency
     work = serve.workload(max(w["min_requests"], w["requests_per_slot"] * C),
                           model.config.vocab_size, w["prompt_len"], w["max_tokens"], seed=C)
-    llm = LLM(model, Tokenizer.from_pretrained(serve.BUNDLED_TOKENIZER),
-              EngineConfig(max_num_seqs=C))
+    tok = Tokenizer.from_pretrained(serve.BUNDLED_TOKENIZER)
+    # hugepages: the "off" engine gets its own copy of the weights, loaded as the "on" one
+    # was (the demo's: mapped from its safetensors file) and left where loading put them
+    huge = args.switch == "hugepages"
+    models = {True: model,
+              False: serve.load_model(args.model, getattr(torch, args.dtype)) if huge else model}
+    llms = {True: _engine(model, tok, C, True)}
+    llms[False] = _engine(models[False], tok, C, False) if huge else llms[True]
     prompts = [p for p, _ in work]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
     tokens = sum(m for _, m in work)
-    llm.generate(prompts[:1], params[:1])  # warm-up: kernel builds, allocations
+    for llm in {id(x): x for x in llms.values()}.values():
+        llm.generate(prompts[:1], params[:1])  # warm-up: kernel builds, allocations
     runs: dict[bool, list[float]] = {True: [], False: []}
     outputs: dict[bool, list[list[int]]] = {}
     for rep in range(args.repeats):
@@ -81,8 +106,9 @@ def main() -> None:
             for module, flag, value_on, value_off in SWITCHES[args.switch]:
                 setattr(module, flag, value_on if on else value_off)
             if args.fresh:
-                llm = LLM(model, llm.tokenizer, EngineConfig(max_num_seqs=C))
-                llm.generate(prompts[:1], params[:1])
+                llms[on] = _engine(models[on], tok, C, on or not huge)
+                llms[on].generate(prompts[:1], params[:1])
+            llm = llms[on]
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params)
             runs[on].append(tokens / (time.perf_counter() - t0))

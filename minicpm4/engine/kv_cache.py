@@ -30,6 +30,7 @@ import torch
 from minicpm4.kernels.infllm_v2.api import SparseLayerState
 from minicpm4.kernels.infllm_v2.decode_selection import CompressedKeyBuffer
 from minicpm4.model.config import ModelConfig
+from minicpm4.utils import hugepages
 
 
 def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -59,10 +60,13 @@ class BlockPool:
         if num_blocks < 2:
             raise ValueError("the block pool needs at least 2 blocks (block 0 is reserved)")
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim_)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device)
-                  for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device)
-                  for _ in range(cfg.num_hidden_layers)]
+
+        def pages() -> torch.Tensor:  # on the CPU in huge pages, as the weights (LLM)
+            if torch.device(device).type == "cpu":
+                return hugepages.zeros(shape, dtype)
+            return torch.zeros(shape, dtype=dtype, device=device)
+        self.k = [pages() for _ in range(cfg.num_hidden_layers)]
+        self.v = [pages() for _ in range(cfg.num_hidden_layers)]
         self.cfg = cfg
         self.block_size = block_size
         self.num_blocks = num_blocks

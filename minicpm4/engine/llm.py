@@ -29,6 +29,7 @@ from minicpm4.engine.sequence import Sequence
 from minicpm4.engine.stopping import StopChecker
 from minicpm4.kernels.greedy import argmax_rows
 from minicpm4.model.transformer import MiniCPM4ForCausalLM
+from minicpm4.utils import hugepages
 from minicpm4.utils.histogram import Histogram
 
 
@@ -36,6 +37,8 @@ class LLM:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer=None,
                  config: EngineConfig | None = None) -> None:
         self.model = model.eval()
+        if model.device.type == "cpu":  # decode streams the weights: keep them in huge pages
+            hugepages.move_to_huge_pages(model)
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         cfg = model.config
