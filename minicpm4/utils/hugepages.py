@@ -95,8 +95,11 @@ def move_to_huge_pages(module: torch.nn.Module) -> int:
     groups: dict[int, list[torch.Tensor]] = {}  # storage start -> the tensors there
     storages: dict[int, tuple] = {}
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type != "cpu" or t.numel() == 0:
-            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return 0  # tensor subclasses (DTensor...) own their storage: left alone
+        if t.device.type != "cpu" or t.numel() == 0 or t.layout != torch.strided \
+                or t.is_quantized:
+            continue  # sparse and quantized tensors stay where they are
         seen = storages.setdefault(t.untyped_storage().data_ptr(),
                                    (t.data_ptr(), t.shape, t.dtype))
         if seen != (t.data_ptr(), t.shape, t.dtype):

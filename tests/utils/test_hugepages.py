@@ -91,6 +91,15 @@ def test_views_of_one_storage_are_left_alone():
     assert (module.a.data_ptr(), module.b.data_ptr()) == ptrs
 
 
+def test_sparse_tensors_stay_and_the_rest_moves():
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(64, 64))
+    module.register_buffer("s", torch.eye(8).to_sparse())
+    sparse, values = module.s, module.w.detach().clone()
+    assert hugepages.move_to_huge_pages(module) > 0
+    assert module.s is sparse and torch.equal(module.w, values)
+
+
 def test_switched_off_and_fallback(monkeypatch):
     model = _model()
     ptr = model.lm_head.weight.data_ptr()
