@@ -73,8 +73,9 @@ def huge_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """`torch.zeros(shape, dtype=dtype)` on the CPU, in huge pages where they can be had (the
-    engine's KV pages: paged attention reads them as decode reads the weights). The memory is
-    the kernel's zero pages until first written, so a large pool costs only what is used."""
+    engine's KV pages: paged attention reads them as decode reads the weights). Every page is
+    touched here, as `torch.zeros` does: a pool too large for the machine fails at start-up,
+    not under load, and no page fault lands inside a step."""
     numel = 1
     for n in shape:
         numel *= n
@@ -82,7 +83,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if not enabled() or nbytes < HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype)
     buf, _ = huge_buffer(nbytes)
-    return buf.view(dtype).view(shape)
+    return buf.view(dtype).view(shape).zero_()
 
 
 def move_to_huge_pages(module: torch.nn.Module) -> int:

@@ -50,6 +50,17 @@ def test_buffer_is_aligned_zeroed_and_huge_where_allowed():
     assert _anon_huge_kb(buf.data_ptr(), buf.data_ptr() + buf.numel()) >= 2048
 
 
+def test_zeros_like_torch_zeros_and_committed():
+    pages = hugepages.zeros((4, 16, 2, 64 * 256), torch.bfloat16)  # 4 MB
+    assert pages.shape == (4, 16, 2, 64 * 256) and pages.dtype == torch.bfloat16
+    assert int(pages.count_nonzero()) == 0
+    small = hugepages.zeros((3, 5), torch.float32)  # below a huge page: plain torch.zeros
+    assert small.shape == (3, 5) and int(small.count_nonzero()) == 0
+    if hugepages.thp_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        start = pages.data_ptr()  # touched at creation: already backed by huge pages
+        assert _anon_huge_kb(start, start + pages.numel() * 2) >= 2048
+
+
 def test_move_keeps_values_objects_and_outputs():
     model = _model()
     ids = torch.tensor([[3, 17, 99, 5, 42]])
