@@ -26,6 +26,7 @@ demo (mapped from its file when off) 1.132x at C = 1 and 1.083x at C = 8; 0.5B-s
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -76,10 +77,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     engine's KV pages: paged attention reads them as decode reads the weights). Every page is
     touched here, as `torch.zeros` does: a pool too large for the machine fails at start-up,
     not under load, and no page fault lands inside a step."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if not enabled() or nbytes < HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype)
     buf, _ = huge_buffer(nbytes)
@@ -105,23 +103,21 @@ def move_to_huge_pages(module: torch.nn.Module) -> int:
                                    (t.data_ptr(), t.shape, t.dtype))
         if seen != (t.data_ptr(), t.shape, t.dtype):
             return 0  # tensors that are views of one another: moving them would part them
-        if t.is_contiguous():
-            group = groups.setdefault(t.data_ptr(), [])
-            if not any(t is g for g in group):
-                group.append(t)
+        if t.is_contiguous():  # parameters() and buffers() yield each tensor once
+            groups.setdefault(t.data_ptr(), []).append(t)
     if not groups:
         return 0
-    sizes = {ptr: ts[0].numel() * ts[0].element_size() for ptr, ts in groups.items()}
-    total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values())
+    offsets, total = {}, 0
+    for ptr, ts in groups.items():
+        offsets[ptr] = total
+        total += -(-ts[0].nbytes // _ALIGN) * _ALIGN
     region, _ = huge_buffer(total)
-    offset = 0
     with torch.no_grad():
         for ptr, ts in groups.items():  # one tensor at a time: the old copy is freed as we go
-            nbytes = sizes[ptr]
-            copy = region[offset:offset + nbytes].view(ts[0].dtype).view(ts[0].shape)
+            start = offsets[ptr]
+            copy = region[start:start + ts[0].nbytes].view(ts[0].dtype).view(ts[0].shape)
             copy.copy_(ts[0])
             for t in ts:
                 t.data = copy
-            offset += -(-nbytes // _ALIGN) * _ALIGN
     setattr(module, _MARK, True)
     return total
